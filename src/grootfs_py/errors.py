@@ -47,5 +47,6 @@ class CommandError(GrootError):
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
-        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        detail = lines[0] if lines else "no output"
         super().__init__(f"{argv[0]} exited with status {returncode}: {detail}")

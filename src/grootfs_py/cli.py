@@ -1,0 +1,225 @@
+"""The command line: the only place that reads argv, prints, and picks exit codes.
+
+Garden parses stdout, so stdout carries exactly the command's result (or,
+on failure, one line saying what went wrong) and logs go elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from grootfs_py import log
+from grootfs_py.config import Config
+from grootfs_py.errors import GrootError, InvalidArgumentError
+
+CREATE_USAGE = "invalid arguments - usage: create [options] <image> <id>"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise InvalidArgumentError(f"invalid arguments: {message}")
+
+
+def _size(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not a whole number of bytes") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="grootfs", description="Container root filesystems for Garden-runC.")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--store", help="store path (overrides the config file)")
+    parser.add_argument("--log-level", choices=("debug", "info", "error", "fatal"))
+    parser.add_argument("--log-file", help="write JSON log lines here instead of stderr")
+    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    commands.required = True
+
+    init = commands.add_parser("init-store", help="create and mount the store")
+    init.add_argument("--store-size-bytes", type=_size)
+    init.add_argument("--uid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
+    init.add_argument("--gid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
+
+    commands.add_parser("delete-store", help="delete every image and layer and the store")
+
+    create = commands.add_parser("create", help="create a root filesystem")
+    create.add_argument("--disk-limit-size-bytes", type=_size)
+    create.add_argument("--exclude-image-from-quota", action="store_true", default=None)
+    create.add_argument("--insecure-registry", action="append", default=None)
+    create.add_argument("--skip-layer-validation", action="store_true", default=None)
+    create.add_argument("--with-clean", action="store_true")
+    create.add_argument("--without-clean", action="store_true")
+    create.add_argument("--threshold-bytes", type=_size)
+    create.add_argument("--with-mount", action="store_true")
+    create.add_argument("--without-mount", action="store_true")
+    create.add_argument("--username")
+    create.add_argument("--password")
+    create.add_argument("args", nargs="*", metavar="<image> <id>")
+
+    delete = commands.add_parser("delete", help="unmount and remove an image")
+    delete.add_argument("image", metavar="<id or rootfs path>")
+
+    stats = commands.add_parser("stats", help="disk usage of an image")
+    stats.add_argument("image", metavar="<id>")
+
+    commands.add_parser("list", help="list image paths")
+
+    clean = commands.add_parser("clean", help="remove layers no image uses")
+    clean.add_argument("--threshold-bytes", type=_size)
+
+    commands.add_parser("capacity", help="the store's configured size")
+    commands.add_parser("generate-volume-size-metadata", help="rebuild layer size records")
+    return parser
+
+
+def _configure(args: argparse.Namespace) -> Config:
+    from grootfs_py import config as config_module
+
+    config = config_module.load(args.config).override(
+        store=args.store, log_level=args.log_level, log_file=args.log_file
+    )
+    if args.command == "create":
+        config = config.override(
+            "create",
+            disk_limit_size_bytes=args.disk_limit_size_bytes,
+            exclude_image_from_quota=args.exclude_image_from_quota,
+            skip_layer_validation=args.skip_layer_validation,
+            insecure_registries=tuple(args.insecure_registry) if args.insecure_registry else None,
+        )
+        if args.with_clean and args.without_clean:
+            raise InvalidArgumentError("with-clean and without-clean cannot be used together")
+        if args.with_mount and args.without_mount:
+            raise InvalidArgumentError("with-mount and without-mount cannot be used together")
+        if args.with_clean or args.without_clean:
+            config = config.override("create", with_clean=args.with_clean)
+        if args.with_mount or args.without_mount:
+            config = config.override("create", without_mount=args.without_mount)
+        config = config.override("clean", threshold_bytes=args.threshold_bytes)
+    elif args.command == "clean":
+        config = config.override("clean", threshold_bytes=args.threshold_bytes)
+    elif args.command == "init-store":
+        config = config.override("init", store_size_bytes=args.store_size_bytes)
+    return config.validate()
+
+
+def _print(value: Any) -> None:
+    if isinstance(value, str):
+        sys.stdout.write(value + "\n")
+    else:
+        sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
+
+
+def _run(args: argparse.Namespace, config: Config) -> None:
+    from grootfs_py.store import Store
+
+    store = Store(config.store)
+    command = args.command
+    if command == "create":
+        _create(args, config, store)
+    elif command == "delete":
+        from grootfs_py import images
+
+        deleted = images.delete(store, args.image)
+        if deleted is None:
+            _print(f"Image `{args.image}` not found. Skipping delete.")
+        else:
+            _print(f"Image {deleted} deleted")
+    elif command == "stats":
+        from grootfs_py import images
+
+        _print(images.stats(store, args.image))
+    elif command == "list":
+        from grootfs_py import images
+
+        paths = images.list_paths(store)
+        _print("\n".join(paths) if paths else "Store empty")
+    elif command == "clean":
+        from grootfs_py import clean
+
+        done = clean.clean(store, threshold_bytes=config.clean.threshold_bytes)
+        _print("clean completed" if done else "threshold not reached: skipping clean")
+    elif command == "capacity":
+        _print({"capacity": config.init.store_size_bytes})
+    elif command == "init-store":
+        from grootfs_py.idmap import IdMap, IdMapping
+
+        idmap = IdMap(
+            tuple(IdMapping.parse(m) for m in args.uid_mapping),
+            tuple(IdMapping.parse(m) for m in args.gid_mapping),
+        )
+        store.init(size_bytes=config.init.store_size_bytes, idmap=idmap)
+    elif command == "delete-store":
+        store.delete()
+    elif command == "generate-volume-size-metadata":
+        from grootfs_py import volumes
+
+        volumes.regenerate_sizes(store)
+
+
+def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
+    from grootfs_py import images
+
+    if len(args.args) != 2:
+        raise InvalidArgumentError(CREATE_USAGE)
+    url, image_id = args.args
+    options = images.CreateOptions(
+        without_mount=config.create.without_mount,
+        disk_limit_size_bytes=config.create.disk_limit_size_bytes,
+        exclude_image_from_quota=config.create.exclude_image_from_quota,
+        skip_layer_validation=config.create.skip_layer_validation,
+    )
+    spec = images.create(store, url, image_id, options)
+    _print(spec)
+    if config.create.with_clean:
+        _spawn_clean(config)
+
+
+def _spawn_clean(config: Config) -> None:
+    """Start a clean that outlives us; the create has already answered Garden.
+
+    This is the one child not run through proc.run: it must not be waited for.
+    """
+    import os
+    import subprocess
+
+    log_file = config.create.clean_log_file or config.log_file
+    argv = [sys.executable, "-m", "grootfs_py", "--store", config.store,
+            "--log-level", config.log_level]
+    if log_file:
+        argv += ["--log-file", log_file]
+    argv += ["clean", "--threshold-bytes", str(config.clean.threshold_bytes)]
+    log.debug("starting detached clean", argv=argv)
+    subprocess.Popen(  # noqa: S603 (fixed argv, no shell)
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+        env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        config = _configure(args)
+        log.configure(config.log_level, config.log_file or None, command=args.command)
+        _run(args, config)
+    except GrootError as exc:
+        message = str(exc)
+        log.error("command failed", error=message)
+        _print(message)
+        return 1
+    except KeyboardInterrupt:
+        _print("interrupted")
+        return 1
+    finally:
+        log.close()
+    return 0

@@ -1,0 +1,46 @@
+"""Decompressing layer streams: gzip (through ISA-L where installed), zstd, none."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from grootfs_py.errors import ImageSourceError
+
+GZIP = "gzip"
+ZSTD = "zstd"
+NONE = "none"
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def sniff(head: bytes) -> str:
+    """The compression of a stream that starts with *head*."""
+    if head.startswith(_GZIP_MAGIC):
+        return GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return ZSTD
+    return NONE
+
+
+def decompress(stream: BinaryIO, kind: str) -> BinaryIO:
+    """Wrap *stream* so that reads return decompressed bytes."""
+    if kind == NONE:
+        return stream
+    if kind == GZIP:
+        try:
+            from isal import igzip
+
+            return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[no-any-return]
+        except ImportError:
+            import gzip
+
+            return gzip.GzipFile(fileobj=stream, mode="rb")
+    if kind == ZSTD:
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            stream, read_across_frames=True, closefd=False
+        )
+        return reader  # type: ignore[no-any-return]
+    raise ImageSourceError(f"unsupported compression `{kind}`")

@@ -1,0 +1,53 @@
+"""Thin wrappers over the Linux system calls Python's os module lacks.
+
+mount(2), umount2(2) and syncfs(2) are called through libc directly: a
+create on a warm store is one overlay mount, and spawning mount(8) for it
+would cost more than the rest of the command.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str, path: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2). Relative paths in *data* resolve against the current directory."""
+    raw = data.encode()
+    if len(raw) >= PAGE_SIZE:
+        raise OSError(
+            7, f"mount options are {len(raw)} bytes, the kernel takes at most {PAGE_SIZE - 1}"
+        )
+    _check(
+        _libc().mount(source.encode(), target.encode(), fstype.encode(), flags, raw or None),
+        "mount",
+        target,
+    )
+
+
+def umount(target: str, flags: int = UMOUNT_NOFOLLOW) -> None:
+    _check(_libc().umount2(target.encode(), flags), "umount", target)
+
+
+def syncfs(fd: int) -> None:
+    """Flush the filesystem holding *fd*, and only that one."""
+    _check(_libc().syncfs(fd), "syncfs", str(fd))

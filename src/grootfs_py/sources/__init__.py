@@ -1,0 +1,65 @@
+"""Image sources: where manifests, configs and layer streams come from.
+
+Every source turns an image URL into an :class:`Image`: the layers bottom to
+top, each with what is needed to name it in the store (its chain ID), to
+open its compressed bytes, and to verify them. Sources know nothing about
+the store or about unpacking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from grootfs_py.errors import ImageSourceError
+
+
+@dataclass(frozen=True)
+class Layer:
+    chain_id: str  # "sha256:<hex>"; names the layer's volume in the store
+    media_type: str
+    compression: str  # compression.GZIP / ZSTD / NONE
+    open: Callable[[], BinaryIO]  # the compressed bytes, streamed
+    digest: str | None = None  # of the compressed bytes; None: nothing to check
+    size: int | None = None
+    diff_id: str | None = None  # of the uncompressed tar
+
+    @property
+    def label(self) -> str:
+        return self.digest or self.chain_id
+
+
+@dataclass(frozen=True)
+class Image:
+    layers: tuple[Layer, ...]
+    env: tuple[str, ...] = ()
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs: the first is its diff_id, each next hashes parent + " " + diff_id."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        if not chains:
+            chains.append(diff_id)
+        else:
+            digest = hashlib.sha256(f"{chains[-1]} {diff_id}".encode()).hexdigest()
+            chains.append(f"sha256:{digest}")
+    return chains
+
+
+def resolve(url: str, *, skip_layer_validation: bool = False) -> Image:
+    """The image an URL names: ``oci://``, ``docker://`` or a local tar path."""
+    if url.startswith("oci://"):
+        from grootfs_py.sources import oci
+
+        return oci.load(url, skip_layer_validation=skip_layer_validation)
+    if url.startswith("docker://"):
+        raise ImageSourceError("docker:// images are not supported yet")
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise ImageSourceError(f"unsupported image URL scheme `{scheme}`")
+    from grootfs_py.sources import tarball
+
+    return tarball.load(url)

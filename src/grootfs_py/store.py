@@ -1,0 +1,208 @@
+"""The store: its layout on disk, its metadata, its lock, its lifecycle.
+
+::
+
+    <store>/images/<id>/{rootfs,diff,workdir,image.json}
+    <store>/volumes/<chain-id hex>/            one unpacked layer, shared
+    <store>/volumes/<hex>-incomplete-<tag>/    a layer being unpacked
+    <store>/l/<short> -> ../volumes/<hex>
+    <store>/meta/namespace.json                id mappings, fixed at init
+    <store>/meta/store.json                    backing file, quota support
+    <store>/meta/volume-<hex>                  one layer's size
+    <store>/meta/dependencies/image:<id>.json  the layers an image uses
+    <store>/locks/ <store>/tmp/ <store>/projectids/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from grootfs_py import backing, fsutil, log, mounts
+from grootfs_py.errors import InvalidArgumentError, StoreError
+from grootfs_py.idmap import IdMap
+from grootfs_py.locks import flock
+
+NOT_INITIALIZED = "Store path is not initialized. Please run init-store."
+LAYOUT = ("images", "volumes", "l", "meta", "meta/dependencies", "locks", "tmp", "projectids")
+INCOMPLETE = "-incomplete-"
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    quotas: bool
+    backing_store: str | None
+
+
+def volume_name(chain_id: str) -> str:
+    return chain_id.partition(":")[2]
+
+
+def chain_id_of(volume: str) -> str:
+    return ("sha256:" if len(volume) == 64 else "sha512:") + volume
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        if not path:
+            raise InvalidArgumentError("invalid argument: store path is empty")
+        self.path = os.path.abspath(path)
+
+    # Paths -----------------------------------------------------------------
+
+    def join(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def image_dir(self, image_id: str) -> str:
+        return self.join("images", image_id)
+
+    def volume_dir(self, chain_id: str) -> str:
+        return self.join("volumes", volume_name(chain_id))
+
+    def volume_meta(self, chain_id: str) -> str:
+        return self.join("meta", f"volume-{volume_name(chain_id)}")
+
+    def dependency_file(self, image_id: str) -> str:
+        return self.join("meta", "dependencies", f"image:{image_id}.json")
+
+    # State -----------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        return os.path.exists(self.join("meta", "namespace.json"))
+
+    def require_initialized(self) -> None:
+        if not self.initialized:
+            raise StoreError(NOT_INITIALIZED)
+
+    def idmap(self) -> IdMap:
+        try:
+            return IdMap.from_json(fsutil.read_json(self.join("meta", "namespace.json")))
+        except FileNotFoundError:
+            raise StoreError(NOT_INITIALIZED) from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"read store id mappings: {exc}") from None
+
+    def info(self) -> StoreInfo:
+        try:
+            data = fsutil.read_json(self.join("meta", "store.json"))
+            return StoreInfo(bool(data.get("quotas")), data.get("backing_store"))
+        except FileNotFoundError:
+            return StoreInfo(False, None)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"read store metadata: {exc}") from None
+
+    @contextlib.contextmanager
+    def lock(self, *, shared: bool, timeout: float | None = None) -> Iterator[None]:
+        """The store-wide lock: creates and deletes share it, clean takes it alone."""
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        with flock(self.join("locks", "store.lock"), shared=shared, **kwargs):
+            yield
+
+    # Lifecycle -------------------------------------------------------------
+
+    def init(self, *, size_bytes: int, idmap: IdMap) -> None:
+        """Make the store usable: backing filesystem (when sized), layout, mappings."""
+        quotas = False
+        backing_file: str | None = None
+        if size_bytes > 0:
+            backing.create(self.path, size_bytes)
+            quotas = backing.mount(self.path)
+            backing_file = backing.backing_path(self.path)
+        else:
+            os.makedirs(self.path, exist_ok=True)
+            mounted = mounts.find(self.path)
+            quotas = mounted is not None and backing.quota_enabled(mounted)
+
+        namespace = self.join("meta", "namespace.json")
+        if os.path.exists(namespace) and self.idmap() != idmap:
+            raise StoreError(
+                "provided id mappings do not match those already configured in the store"
+            )
+        for sub in LAYOUT:
+            os.makedirs(self.join(sub), exist_ok=True)
+        if not os.path.exists(namespace):
+            fsutil.write_json(namespace, idmap.to_json())
+        fsutil.write_json(
+            self.join("meta", "store.json"), {"quotas": quotas, "backing_store": backing_file}
+        )
+        # Container root must be able to reach its rootfs inside the store.
+        for target in (self.path, *(self.join(sub) for sub in ("images", "l", "volumes"))):
+            os.chown(target, idmap.root_uid, idmap.root_gid)
+        os.chmod(self.path, 0o700)
+        log.info("store initialised", store=self.path, quotas=quotas, backing_store=backing_file)
+
+    def delete(self) -> None:
+        """Remove every image and layer, unmount and remove the store."""
+        backing_file = backing.backing_path(self.path)
+        if not os.path.exists(self.path) and not os.path.exists(backing_file):
+            return
+        from grootfs_py import overlay
+
+        for point in mounts.under(self.path):
+            overlay.unmount(point)
+        backing.unmount(self.path)
+        fsutil.remove_tree(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(backing_file)
+        log.info("store deleted", store=self.path)
+
+    # Volumes -----------------------------------------------------------------
+
+    def volume_size(self, chain_id: str) -> int:
+        try:
+            return int(fsutil.read_json(self.volume_meta(chain_id))["size"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"read size of layer {chain_id}: {exc}") from None
+
+    def complete_volumes(self) -> list[str]:
+        """Chain IDs of every complete layer in the store."""
+        try:
+            names = os.listdir(self.join("volumes"))
+        except FileNotFoundError:
+            return []
+        return [chain_id_of(n) for n in names if INCOMPLETE not in n]
+
+    def dependencies(self) -> dict[str, list[str]]:
+        """Image id -> chain IDs of its layers, for every recorded image."""
+        deps: dict[str, list[str]] = {}
+        folder = self.join("meta", "dependencies")
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return deps
+        for name in names:
+            if not (name.startswith("image:") and name.endswith(".json")):
+                continue
+            try:
+                layers = fsutil.read_json(os.path.join(folder, name))["layers"]
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError) as exc:
+                raise StoreError(f"read image dependencies {name}: {exc}") from None
+            deps[name[len("image:") : -len(".json")]] = list(layers)
+        return deps
+
+    def image_ids(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.join("images")))
+        except FileNotFoundError:
+            return []
+
+    def trash(self, path: str, label: str) -> str:
+        """Rename *path* aside into tmp/ (the first phase of a two-phase delete)."""
+        import uuid
+
+        target = self.join("tmp", f"{label}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return ""
+            raise StoreError(f"move {path} aside: {exc.strerror}") from None
+        return target
