@@ -30,8 +30,12 @@ def create(store: str, size: int) -> bool:
     if os.path.exists(path):
         current = os.stat(path).st_size
         if current != size:
-            log.info("backing store exists with another size; keeping it", path=path,
-                     size=current, requested=size)
+            log.info(
+                "backing store exists with another size; keeping it",
+                path=path,
+                size=current,
+                requested=size,
+            )
         return False
     if size < MIN_SIZE_BYTES:
         raise StoreError(
@@ -70,8 +74,11 @@ def mount(store: str, *, want_quota: bool = True) -> bool:
             run(["mount", "-t", "xfs", "-o", f"{MOUNT_OPTIONS},pquota", path, store])
             return True
         except CommandError as exc:
-            log.warning("mount with project quotas failed; mounting without: disk limits "
-                        "will be refused", store=store, error=str(exc))
+            log.warning(
+                "mount with project quotas failed; mounting without: disk limits will be refused",
+                store=store,
+                error=str(exc),
+            )
     try:
         run(["mount", "-t", "xfs", "-o", MOUNT_OPTIONS, path, store])
     except CommandError as exc:

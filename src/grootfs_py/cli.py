@@ -188,13 +188,20 @@ def _spawn_clean(config: Config) -> None:
     import subprocess
 
     log_file = config.create.clean_log_file or config.log_file
-    argv = [sys.executable, "-m", "grootfs_py", "--store", config.store,
-            "--log-level", config.log_level]
+    argv = [
+        sys.executable,
+        "-m",
+        "grootfs_py",
+        "--store",
+        config.store,
+        "--log-level",
+        config.log_level,
+    ]
     if log_file:
         argv += ["--log-file", log_file]
     argv += ["clean", "--threshold-bytes", str(config.clean.threshold_bytes)]
     log.debug("starting detached clean", argv=argv)
-    subprocess.Popen(  # noqa: S603 (fixed argv, no shell)
+    subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from grootfs_py.errors import ImageSourceError
 
@@ -31,16 +31,16 @@ def decompress(stream: BinaryIO, kind: str) -> BinaryIO:
         try:
             from isal import igzip
 
-            return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[no-any-return]
+            return cast(BinaryIO, igzip.GzipFile(fileobj=stream, mode="rb"))  # type: ignore[no-untyped-call]
         except ImportError:
             import gzip
 
-            return gzip.GzipFile(fileobj=stream, mode="rb")
+            return cast(BinaryIO, gzip.GzipFile(fileobj=stream, mode="rb"))
     if kind == ZSTD:
         import zstandard
 
         reader = zstandard.ZstdDecompressor().stream_reader(
             stream, read_across_frames=True, closefd=False
         )
-        return reader  # type: ignore[no-any-return]
+        return cast(BinaryIO, reader)
     raise ImageSourceError(f"unsupported compression `{kind}`")

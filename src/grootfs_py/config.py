@@ -92,17 +92,16 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
     if value is None:
         return default
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
+        ok = isinstance(value, bool)
     elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, str):
-        if isinstance(value, str):
-            return value
-    elif isinstance(default, tuple):
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    if ok:
+        return value
     raise ConfigError(f"invalid config file: `{where}` has the wrong type")
 
 
@@ -132,7 +131,7 @@ def parse(text: str) -> Config:
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise ConfigError(f"invalid config file: {first}") from None

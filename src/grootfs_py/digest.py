@@ -94,6 +94,6 @@ class VerifyingReader(io.RawIOBase):
         if self._size is not None and self.count != self._size:
             raise VerificationError(self._size_message)
         if self._digest is not None:
-            algorithm, _, expected = self._digest.partition(":")
+            expected = self._digest.partition(":")[2]
             if self._hash.hexdigest() != expected:
                 raise VerificationError(self._digest_message)

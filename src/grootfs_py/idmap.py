@@ -8,6 +8,7 @@ all, ids are kept as they are.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from grootfs_py.errors import InvalidArgumentError
@@ -49,7 +50,7 @@ class IdMapping:
 
 def _check_disjoint(mappings: tuple[IdMapping, ...], kind: str) -> None:
     ranges = sorted((m.namespace_id, m.namespace_id + m.size) for m in mappings)
-    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(ranges):
         if start < end:
             raise InvalidArgumentError(f"invalid {kind} mappings: namespace ranges overlap")
 

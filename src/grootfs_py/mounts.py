@@ -36,7 +36,7 @@ def table() -> list[MountInfo]:
     for line in lines:
         left, _, right = line.partition(" - ")
         fields = left.split(" ")
-        fstype, source, super_opts = (right.split(" ") + ["", "", ""])[:3]
+        fstype, source, super_opts = [*right.split(" "), "", "", ""][:3]
         opts = frozenset(fields[5].split(",")) | frozenset(super_opts.split(","))
         mounts.append(MountInfo(_unescape(fields[4]), fstype, _unescape(source), opts))
     return mounts

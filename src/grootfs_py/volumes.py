@@ -42,9 +42,7 @@ def link(store: Store, chain_id: str) -> str:
     except FileExistsError:
         existing = os.readlink(path)
         if existing != target:
-            raise StoreError(
-                f"layer link {path} points to {existing}, expected {target}"
-            ) from None
+            raise StoreError(f"layer link {path} points to {existing}, expected {target}") from None
     return short
 
 
@@ -53,7 +51,7 @@ def _open_verified(layer: Layer) -> tuple[VerifyingReader, VerifyingReader]:
 
     raw = layer.open()
     compressed = VerifyingReader(
-        raw,  # type: ignore[arg-type]
+        raw,
         digest=layer.digest,
         size=layer.size,
         digest_message="layerID digest mismatch",
@@ -76,7 +74,7 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap) -> None:
     try:
         os.chown(tmp, idmap.root_uid, idmap.root_gid)
         compressed, uncompressed = _open_verified(layer)
-        with contextlib.closing(compressed._inner):  # noqa: SLF001 (the raw file)
+        with contextlib.closing(compressed._inner):
             try:
                 result = unpack_layer(uncompressed, tmp, idmap, layer=layer.label)
                 uncompressed.finish()

@@ -50,7 +50,10 @@ init:
 """
     c = config.parse(text)
     assert (c.store, c.log_level, c.log_file, c.metrics_endpoint) == (
-        "/s", "debug", "/l.log", "127.0.0.1:8125",
+        "/s",
+        "debug",
+        "/l.log",
+        "127.0.0.1:8125",
     )
     assert (c.newuidmap_bin, c.newgidmap_bin) == ("/u", "/g")
     assert c.create == config.CreateConfig(True, True, 10, True, True, ("r.local:5000",), "/c.log")
@@ -76,7 +79,10 @@ def test_flags_override_file_values_and_none_keeps_them():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("create:\n  disk_limit_size_bytes: -1\n", "invalid argument: disk limit cannot be negative"),
+        (
+            "create:\n  disk_limit_size_bytes: -1\n",
+            "invalid argument: disk limit cannot be negative",
+        ),
         ("clean:\n  threshold_bytes: -1\n", "invalid argument: clean threshold cannot be negative"),
         ("log_level: loud\n", "invalid argument: log level `loud`"),
     ],

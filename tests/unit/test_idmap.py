@@ -11,14 +11,19 @@ GARDEN = IdMap(
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0:4294967294:1", IdMapping(0, 4294967294, 1)), ("1:1:4294967293", IdMapping(1, 1, 4294967293))],
+    [
+        ("0:4294967294:1", IdMapping(0, 4294967294, 1)),
+        ("1:1:4294967293", IdMapping(1, 1, 4294967293)),
+    ],
 )
 def test_parse_accepts_ns_host_size(text, expected):
     assert IdMapping.parse(text) == expected
     assert str(expected) == text
 
 
-@pytest.mark.parametrize("text", ["", "1:2", "a:b:c", "0:0:0", "-1:0:1", "0:4294967295:2", "1:2:3:4"])
+@pytest.mark.parametrize(
+    "text", ["", "1:2", "a:b:c", "0:0:0", "-1:0:1", "0:4294967295:2", "1:2:3:4"]
+)
 def test_parse_rejects_malformed_mappings(text):
     with pytest.raises(InvalidArgumentError, match="invalid id mapping"):
         IdMapping.parse(text)

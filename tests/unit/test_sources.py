@@ -32,7 +32,14 @@ def test_oci_url_must_be_absolute():
 
 @pytest.mark.parametrize(
     "digest",
-    ["sha256:../../etc/passwd", "sha256:" + "A" * 64, "md5:abc", "sha256:" + "a" * 63, "", "sha256/" + "a" * 64],
+    [
+        "sha256:../../etc/passwd",
+        "sha256:" + "A" * 64,
+        "md5:abc",
+        "sha256:" + "a" * 63,
+        "",
+        "sha256/" + "a" * 64,
+    ],
 )
 def test_malformed_digests_never_become_paths(digest):
     with pytest.raises(ImageSourceError, match="invalid digest"):
@@ -48,7 +55,11 @@ def _manifest(layer_type):
     return {
         "schemaVersion": 2,
         "mediaType": m.OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D1, "size": 2},
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": D1,
+            "size": 2,
+        },
         "layers": [{"mediaType": layer_type, "digest": D2, "size": 3}],
     }
 
@@ -93,8 +104,18 @@ def test_platform_selection_names_what_is_offered(monkeypatch):
     monkeypatch.setattr(m, "host_platform", lambda: ("linux", "amd64"))
     index = {
         "manifests": [
-            {"mediaType": m.OCI_MANIFEST, "digest": D1, "size": 1, "platform": {"os": "linux", "architecture": "arm64"}},
-            {"mediaType": m.OCI_MANIFEST, "digest": D2, "size": 1, "platform": {"os": "linux", "architecture": "amd64"}},
+            {
+                "mediaType": m.OCI_MANIFEST,
+                "digest": D1,
+                "size": 1,
+                "platform": {"os": "linux", "architecture": "arm64"},
+            },
+            {
+                "mediaType": m.OCI_MANIFEST,
+                "digest": D2,
+                "size": 1,
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
         ]
     }
     assert m.select_platform(index).digest == D2

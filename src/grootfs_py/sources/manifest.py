@@ -125,7 +125,9 @@ def parse_manifest(doc: dict[str, Any], media_type: str) -> Manifest:
     parsed = tuple(Descriptor.parse(layer, "manifest layer") for layer in layers)
     for layer in parsed:
         if layer.media_type not in LAYER_COMPRESSION:
-            raise ImageSourceError(f"unknown media type `{layer.media_type}` for layer {layer.digest}")
+            raise ImageSourceError(
+                f"unknown media type `{layer.media_type}` for layer {layer.digest}"
+            )
     if not parsed:
         raise ImageSourceError("invalid manifest: the image has no layers")
     return Manifest(config=config, layers=parsed)

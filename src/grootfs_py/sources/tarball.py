@@ -30,9 +30,7 @@ def load(path: str) -> Image:
     except OSError as exc:
         raise ImageSourceError(f"read image {path}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise InvalidArgumentError(
-            "invalid base image: directory provided instead of a tar file"
-        )
+        raise InvalidArgumentError("invalid base image: directory provided instead of a tar file")
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgumentError(f"invalid base image: {path} is not a regular file")
     identity = f"tar:{real}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}"
