@@ -15,6 +15,7 @@ import os
 import uuid
 import zlib
 from collections.abc import Sequence
+from typing import BinaryIO, cast
 
 from grootfs_py import fsutil, log, overlay
 from grootfs_py.digest import VerifyingReader
@@ -76,7 +77,7 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap) -> None:
         compressed, uncompressed = _open_verified(layer)
         with contextlib.closing(compressed._inner):
             try:
-                result = unpack_layer(uncompressed, tmp, idmap, layer=layer.label)
+                result = unpack_layer(cast(BinaryIO, uncompressed), tmp, idmap, layer=layer.label)
                 uncompressed.finish()
                 compressed.finish()
             except GrootError:

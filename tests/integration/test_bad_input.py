@@ -2,9 +2,9 @@
 
 import os
 
-import imagefactory as f
 import pytest
 
+import imagefactory as f
 from grootfs_py import mounts
 
 

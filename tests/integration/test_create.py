@@ -7,9 +7,9 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import imagefactory as f
 import pytest
 
+import imagefactory as f
 from grootfs_py import mounts
 
 
@@ -46,7 +46,7 @@ def test_oci_layout_becomes_a_mounted_overlay_of_its_layers(grootfs, xfs_store, 
         assert fh.read() == b"base\n"
     assert not os.path.exists(os.path.join(rootfs, "etc/gone"))
     assert os.path.exists(os.path.join(rootfs, "etc/added"))
-    assert _volumes(xfs_store) == [c.split(":")[1] for c in layout.chain_ids]
+    assert _volumes(xfs_store) == sorted(c.split(":")[1] for c in layout.chain_ids)
 
     # The container writes into its own upper directory, never into a layer.
     with open(os.path.join(rootfs, "etc/hostname"), "wb") as fh:
@@ -88,10 +88,11 @@ def test_images_share_layers_unpacked_once(grootfs, xfs_store, tmp_path):
     url = f"oci://{layout.path}"
     one = _create(grootfs, xfs_store, url, "one")
     before = _volumes(xfs_store)
-    inode = os.stat(os.path.join(xfs_store, "volumes", before[0], "a")).st_ino
+    bottom = layout.chain_ids[0].split(":")[1]
+    inode = os.stat(os.path.join(xfs_store, "volumes", bottom, "a")).st_ino
     two = _create(grootfs, xfs_store, url, "two")
     assert _volumes(xfs_store) == before
-    assert os.stat(os.path.join(xfs_store, "volumes", before[0], "a")).st_ino == inode
+    assert os.stat(os.path.join(xfs_store, "volumes", bottom, "a")).st_ino == inode
     assert grootfs("list", store=xfs_store).stdout.splitlines() == [
         os.path.join(xfs_store, "images", "one"),
         os.path.join(xfs_store, "images", "two"),

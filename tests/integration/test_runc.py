@@ -5,8 +5,9 @@ import os
 import shutil
 import tempfile
 
-import imagefactory as f
 from runc import run_in_rootfs
+
+import imagefactory as f
 
 
 def test_runc_runs_a_container_on_the_created_rootfs(grootfs, xfs_store, tmp_path):

@@ -1,0 +1,76 @@
+# Developer and CI entry points. GNU make, bash; run as root.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+MAKEFLAGS += --no-builtin-rules
+
+# Debian packages the tests, the demo and the benchmark run (zstd and xattrs are
+# handled in Python, so no zstd or attr):
+#   xfsprogs        mkfs.xfs for init-store's loop-mounted XFS
+#   mount           mount, umount, losetup
+#   runc            runs commands in created root filesystems
+#   busybox-static  a one-file userland for small test images
+#   debootstrap     the Debian base image of the demo and the benchmark
+#   umoci, skopeo   check that image's layout; umoci is the benchmark's reference unpacker
+APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+LINTED := src tests bench demo demo/build-debian-image
+
+.PHONY: deps apt-deps lint test demo bench image clean clean-image require-root
+
+require-root:
+	@if [[ $$(id -u) -ne 0 ]]; then echo "make: this target must run as root" >&2; exit 1; fi
+
+deps: apt-deps $(STAMP)
+
+# apt-get update only when something is missing: a second run touches no network.
+# Packaged services must not start (docker-registry's would listen on all
+# interfaces): where no policy-rc.d forbids it, one does during the install.
+apt-deps: require-root
+	@missing=(); \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${db:Status-Abbrev}' "$$p" 2>/dev/null | grep -q '^ii' || missing+=("$$p"); \
+	done; \
+	if (( $${#missing[@]} )); then \
+	  echo "installing: $${missing[*]}"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  if [[ ! -e /usr/sbin/policy-rc.d ]]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
+	    trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
+	  fi; \
+	  apt-get update -qq; \
+	  apt-get install -y -qq --no-install-recommends "$${missing[@]}"; \
+	fi
+
+$(STAMP): pyproject.toml
+	@[[ -x $(PY) ]] || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
+
+test: deps lint
+	$(VENV)/bin/pytest
+
+image: deps
+	$(PY) demo/build-debian-image
+
+demo: image
+	demo/demo.sh
+
+bench: image
+	$(PY) bench/bench_create.py
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The Debian image takes a minute to rebuild, so plain `clean` keeps it.
+clean-image:
+	rm -rf .cache/debian-bookworm-oci .cache/debian-bookworm.tgz
