@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from grootfs_py import log
@@ -24,6 +24,23 @@ class _Parser(argparse.ArgumentParser):
         raise InvalidArgumentError(f"invalid arguments: {message}")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter with a fixed width.
+
+    argparse makes a formatter for every argument it adds, and without a
+    width each one imports shutil to ask the terminal its size.
+    """
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width or 100)
+
+
 def _size(text: str) -> int:
     try:
         return int(text, 10)
@@ -31,49 +48,97 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"`{text}` is not a whole number of bytes") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="grootfs", description="Container root filesystems for Garden-runC.")
+def _init_store_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store-size-bytes", type=_size)
+    p.add_argument("--uid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
+    p.add_argument("--gid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
+
+
+def _create_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-limit-size-bytes", type=_size)
+    p.add_argument("--exclude-image-from-quota", action="store_true", default=None)
+    p.add_argument("--insecure-registry", action="append", default=None)
+    p.add_argument("--skip-layer-validation", action="store_true", default=None)
+    p.add_argument("--with-clean", action="store_true")
+    p.add_argument("--without-clean", action="store_true")
+    p.add_argument("--threshold-bytes", type=_size)
+    p.add_argument("--with-mount", action="store_true")
+    p.add_argument("--without-mount", action="store_true")
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("args", nargs="*", metavar="<image> <id>")
+
+
+def _image_argument(metavar: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("image", metavar=metavar)
+
+    return add
+
+
+def _clean_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold-bytes", type=_size)
+
+
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "init-store": ("create and mount the store", _init_store_arguments),
+    "delete-store": ("delete every image and layer and the store", _no_arguments),
+    "create": ("create a root filesystem", _create_arguments),
+    "delete": ("unmount and remove an image", _image_argument("<id or rootfs path>")),
+    "stats": ("disk usage of an image", _image_argument("<id>")),
+    "list": ("list image paths", _no_arguments),
+    "clean": ("remove layers no image uses", _clean_arguments),
+    "capacity": ("the store's configured size", _no_arguments),
+    "generate-volume-size-metadata": ("rebuild layer size records", _no_arguments),
+}
+_GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command named in *argv*, found without parsing it all."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in _GLOBAL_FLAGS_WITH_VALUE:
+            i += 2
+        elif token.partition("=")[0] in _GLOBAL_FLAGS_WITH_VALUE:
+            i += 1
+        elif token.startswith("-"):
+            return None
+        else:
+            return token if token in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with *only*, just that command's part of it.
+
+    Building every subcommand costs more than a warm create's real work
+    (argparse formats and translates each argument as it is added), so a
+    run that names a known command builds only that one. Help and errors
+    for unknown commands get the whole parser.
+    """
+    parser = _Parser(
+        prog="grootfs",
+        description="Container root filesystems for Garden-runC.",
+        formatter_class=_Formatter,
+    )
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--store", help="store path (overrides the config file)")
     parser.add_argument("--log-level", choices=("debug", "info", "error", "fatal"))
     parser.add_argument("--log-file", help="write JSON log lines here instead of stderr")
-    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    # An explicit prog spares argparse formatting a usage line to make one.
+    commands = parser.add_subparsers(
+        dest="command", metavar="command", parser_class=_Parser, prog="grootfs"
+    )
     commands.required = True
-
-    init = commands.add_parser("init-store", help="create and mount the store")
-    init.add_argument("--store-size-bytes", type=_size)
-    init.add_argument("--uid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
-    init.add_argument("--gid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
-
-    commands.add_parser("delete-store", help="delete every image and layer and the store")
-
-    create = commands.add_parser("create", help="create a root filesystem")
-    create.add_argument("--disk-limit-size-bytes", type=_size)
-    create.add_argument("--exclude-image-from-quota", action="store_true", default=None)
-    create.add_argument("--insecure-registry", action="append", default=None)
-    create.add_argument("--skip-layer-validation", action="store_true", default=None)
-    create.add_argument("--with-clean", action="store_true")
-    create.add_argument("--without-clean", action="store_true")
-    create.add_argument("--threshold-bytes", type=_size)
-    create.add_argument("--with-mount", action="store_true")
-    create.add_argument("--without-mount", action="store_true")
-    create.add_argument("--username")
-    create.add_argument("--password")
-    create.add_argument("args", nargs="*", metavar="<image> <id>")
-
-    delete = commands.add_parser("delete", help="unmount and remove an image")
-    delete.add_argument("image", metavar="<id or rootfs path>")
-
-    stats = commands.add_parser("stats", help="disk usage of an image")
-    stats.add_argument("image", metavar="<id>")
-
-    commands.add_parser("list", help="list image paths")
-
-    clean = commands.add_parser("clean", help="remove layers no image uses")
-    clean.add_argument("--threshold-bytes", type=_size)
-
-    commands.add_parser("capacity", help="the store's configured size")
-    commands.add_parser("generate-volume-size-metadata", help="rebuild layer size records")
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        if only is None or name == only:
+            add_arguments(commands.add_parser(name, help=help_text, formatter_class=_Formatter))
     return parser
 
 
@@ -148,7 +213,7 @@ def _run(args: argparse.Namespace, config: Config) -> None:
     elif command == "init-store":
         from grootfs_py.idmap import IdMap, IdMapping
 
-        idmap = IdMap(
+        idmap = IdMap.of(
             tuple(IdMapping.parse(m) for m in args.uid_mapping),
             tuple(IdMapping.parse(m) for m in args.gid_mapping),
         )
@@ -213,9 +278,10 @@ def _spawn_clean(config: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
     try:
-        args = parser.parse_args(argv)
+        args = build_parser(command_of(argv)).parse_args(argv)
         config = _configure(args)
         log.configure(config.log_level, config.log_file or None, command=args.command)
         _run(args, config)

@@ -1,16 +1,18 @@
 """Configuration: the YAML file Garden's job writes, with flags on top.
 
-The dataclasses mirror the file's keys one for one, so the BOSH templates,
-this module and the contract use the same names. Loading never exits; it
+The frozen records mirror the file's keys one for one, so the BOSH
+templates, this module and the contract use the same names. They are
+NamedTuples rather than dataclasses: Garden runs us for every container, and
+building a dataclass costs a millisecond each, plus importing inspect.
+A config file that is JSON (which is also YAML) is read with the json module
+alone; the YAML parser is imported only for files that need it. Loading never exits; it
 raises :class:`ConfigError` or :class:`InvalidArgumentError` with the
 contract's messages.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from grootfs_py.errors import ConfigError, InvalidArgumentError
 
@@ -18,8 +20,7 @@ DEFAULT_STORE = "/var/lib/grootfs/store"
 LOG_LEVELS = ("debug", "info", "error", "fatal")
 
 
-@dataclass(frozen=True)
-class CreateConfig:
+class CreateConfig(NamedTuple):
     with_clean: bool = False
     without_mount: bool = False
     disk_limit_size_bytes: int = 0
@@ -29,28 +30,25 @@ class CreateConfig:
     clean_log_file: str = ""
 
 
-@dataclass(frozen=True)
-class CleanConfig:
+class CleanConfig(NamedTuple):
     threshold_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class InitConfig:
+class InitConfig(NamedTuple):
     store_size_bytes: int = 0
     with_direct_io: bool = False
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     store: str = DEFAULT_STORE
     log_level: str = "info"
     log_file: str = ""
     metrics_endpoint: str = ""
     newuidmap_bin: str = ""
     newgidmap_bin: str = ""
-    create: CreateConfig = field(default_factory=CreateConfig)
-    clean: CleanConfig = field(default_factory=CleanConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+    create: CreateConfig = CreateConfig()
+    clean: CleanConfig = CleanConfig()
+    init: InitConfig = InitConfig()
 
     def validate(self) -> Config:
         """Reject values no command can work with; return self for chaining."""
@@ -75,9 +73,9 @@ class Config:
         if not values:
             return self
         if section is None:
-            return dataclasses.replace(self, **values)
-        inner = dataclasses.replace(getattr(self, section), **values)
-        return dataclasses.replace(self, **{section: inner})
+            return self._replace(**values)
+        inner = getattr(self, section)._replace(**values)
+        return self._replace(**{section: inner})
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -108,33 +106,44 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
 def _build(cls: type[Any], data: dict[str, Any], prefix: str) -> Any:
     defaults = cls()
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
+    for name in cls._fields:
+        if name not in data:
             continue
-        default = getattr(defaults, f.name)
-        if f.name in _SECTIONS and prefix == "":
-            section = data[f.name]
+        default = getattr(defaults, name)
+        if name in _SECTIONS and prefix == "":
+            section = data[name]
             if section is None:
                 continue
             if not isinstance(section, dict):
-                raise ConfigError(f"invalid config file: `{f.name}` must be a mapping")
-            values[f.name] = _build(_SECTIONS[f.name], section, f.name + ".")
+                raise ConfigError(f"invalid config file: `{name}` must be a mapping")
+            values[name] = _build(_SECTIONS[name], section, name + ".")
         else:
-            values[f.name] = _coerce(prefix + f.name, data[f.name], default)
+            values[name] = _coerce(prefix + name, data[name], default)
     # Unknown keys are ignored on purpose: newer job templates may add keys.
     return cls(**values)
 
 
-def parse(text: str) -> Config:
-    """Parse the YAML text of a config file."""
+def _load_yaml(text: str) -> Any:
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass  # YAML flow mappings look like JSON but need not be JSON
     import yaml
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(text, Loader=loader)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise ConfigError(f"invalid config file: {first}") from None
+
+
+def parse(text: str) -> Config:
+    """Parse the YAML (or JSON) text of a config file."""
+    data = _load_yaml(text)
     if data is None:
         return Config()
     if not isinstance(data, dict):

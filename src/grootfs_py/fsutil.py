@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import stat
-import uuid
 from typing import Any
 
 
@@ -17,7 +15,7 @@ def write_json(path: str, data: Any) -> None:
     No fsync: after a power loss Garden recreates every container anyway, and
     readers treat an unreadable record as a broken one (see check-store).
     """
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, separators=(",", ":"), sort_keys=True)
@@ -49,6 +47,8 @@ def _retry_removable(func: Any, path: str, exc_info: Any) -> None:
     if func in (os.rmdir, os.unlink):
         func(path)
     else:
+        import shutil
+
         shutil.rmtree(path)
 
 
@@ -61,6 +61,8 @@ def remove_tree(path: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
         return
+    import shutil
+
     shutil.rmtree(path, onerror=_retry_removable)
 
 

@@ -9,15 +9,14 @@ all, ids are kept as they are.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from grootfs_py.errors import InvalidArgumentError
 
 MAX_ID = 2**32 - 1
 
 
-@dataclass(frozen=True)
-class IdMapping:
+class IdMapping(NamedTuple):
     namespace_id: int
     host_id: int
     size: int
@@ -55,16 +54,17 @@ def _check_disjoint(mappings: tuple[IdMapping, ...], kind: str) -> None:
             raise InvalidArgumentError(f"invalid {kind} mappings: namespace ranges overlap")
 
 
-@dataclass(frozen=True)
-class IdMap:
-    """The uid and gid mappings of one store."""
+class IdMap(NamedTuple):
+    """The uid and gid mappings of one store; build checked ones with :meth:`of`."""
 
     uids: tuple[IdMapping, ...] = ()
     gids: tuple[IdMapping, ...] = ()
 
-    def __post_init__(self) -> None:
-        _check_disjoint(self.uids, "uid")
-        _check_disjoint(self.gids, "gid")
+    @classmethod
+    def of(cls, uids: tuple[IdMapping, ...], gids: tuple[IdMapping, ...]) -> IdMap:
+        _check_disjoint(uids, "uid")
+        _check_disjoint(gids, "gid")
+        return cls(uids, gids)
 
     @property
     def identity(self) -> bool:
@@ -93,7 +93,7 @@ class IdMap:
 
     @classmethod
     def from_json(cls, data: dict[str, list[dict[str, int]]]) -> IdMap:
-        return cls(
+        return cls.of(
             tuple(IdMapping.from_json(m) for m in data.get("uid_mappings", [])),
             tuple(IdMapping.from_json(m) for m in data.get("gid_mappings", [])),
         )

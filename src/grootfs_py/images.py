@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from grootfs_py import fsutil, log, overlay, sources, volumes
 from grootfs_py.errors import InvalidArgumentError, StoreError
@@ -22,8 +21,7 @@ OCI_VERSION = "1.0.2"
 IMAGE_JSON = "image.json"
 
 
-@dataclass(frozen=True)
-class CreateOptions:
+class CreateOptions(NamedTuple):
     without_mount: bool = False
     disk_limit_size_bytes: int = 0
     exclude_image_from_quota: bool = False

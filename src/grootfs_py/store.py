@@ -19,9 +19,9 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from grootfs_py import backing, fsutil, log, mounts
+from grootfs_py import fsutil, log
 from grootfs_py.errors import InvalidArgumentError, StoreError
 from grootfs_py.idmap import IdMap
 from grootfs_py.locks import flock
@@ -31,8 +31,7 @@ LAYOUT = ("images", "volumes", "l", "meta", "meta/dependencies", "locks", "tmp",
 INCOMPLETE = "-incomplete-"
 
 
-@dataclass(frozen=True)
-class StoreInfo:
+class StoreInfo(NamedTuple):
     quotas: bool
     backing_store: str | None
 
@@ -106,6 +105,8 @@ class Store:
 
     def init(self, *, size_bytes: int, idmap: IdMap) -> None:
         """Make the store usable: backing filesystem (when sized), layout, mappings."""
+        from grootfs_py import backing, mounts
+
         quotas = False
         backing_file: str | None = None
         if size_bytes > 0:
@@ -137,10 +138,11 @@ class Store:
 
     def delete(self) -> None:
         """Remove every image and layer, unmount and remove the store."""
+        from grootfs_py import backing, mounts, overlay
+
         backing_file = backing.backing_path(self.path)
         if not os.path.exists(self.path) and not os.path.exists(backing_file):
             return
-        from grootfs_py import overlay
 
         for point in mounts.under(self.path):
             overlay.unmount(point)
@@ -196,9 +198,7 @@ class Store:
 
     def trash(self, path: str, label: str) -> str:
         """Rename *path* aside into tmp/ (the first phase of a two-phase delete)."""
-        import uuid
-
-        target = self.join("tmp", f"{label}-{uuid.uuid4().hex[:8]}")
+        target = self.join("tmp", f"{label}-{os.getpid()}-{os.urandom(4).hex()}")
         try:
             os.rename(path, target)
         except OSError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import uuid
 import zlib
 from collections.abc import Sequence
 from typing import BinaryIO, cast
@@ -69,7 +68,7 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap) -> None:
     from grootfs_py.unpack import unpack_layer
 
     final = store.volume_dir(layer.chain_id)
-    tmp = f"{final}{INCOMPLETE}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = f"{final}{INCOMPLETE}{os.getpid()}-{os.urandom(4).hex()}"
     os.mkdir(tmp, 0o755)
     log.info("unpacking layer", layer=layer.label, chain_id=layer.chain_id)
     try:

@@ -49,7 +49,7 @@ def test_no_mappings_is_identity():
 
 def test_overlapping_ranges_are_refused():
     with pytest.raises(InvalidArgumentError, match="overlap"):
-        IdMap((IdMapping(0, 100, 10), IdMapping(5, 200, 10)))
+        IdMap.of((IdMapping(0, 100, 10), IdMapping(5, 200, 10)), ())
 
 
 def test_json_round_trip():

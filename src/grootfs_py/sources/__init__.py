@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from grootfs_py.errors import ImageSourceError
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(NamedTuple):
     chain_id: str  # "sha256:<hex>"; names the layer's volume in the store
     media_type: str
     compression: str  # compression.GZIP / ZSTD / NONE
@@ -31,8 +29,7 @@ class Layer:
         return self.digest or self.chain_id
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(NamedTuple):
     layers: tuple[Layer, ...]
     env: tuple[str, ...] = ()
 

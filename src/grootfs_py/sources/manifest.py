@@ -6,9 +6,8 @@ Shared by every source that reads image JSON (OCI layouts, registries).
 from __future__ import annotations
 
 import json
-import platform
-from dataclasses import dataclass
-from typing import Any
+import os
+from typing import Any, NamedTuple
 
 from grootfs_py import compression
 from grootfs_py.digest import check_digest
@@ -46,8 +45,7 @@ MAX_JSON_BYTES = 8 << 20
 _ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     media_type: str
     digest: str
     size: int
@@ -73,14 +71,12 @@ class Descriptor:
         )
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     config: Descriptor
     layers: tuple[Descriptor, ...]
 
 
-@dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(NamedTuple):
     diff_ids: tuple[str, ...]
     env: tuple[str, ...]
 
@@ -150,7 +146,7 @@ def parse_config(doc: dict[str, Any], layer_count: int) -> ImageConfig:
 
 
 def host_platform() -> tuple[str, str]:
-    machine = platform.machine()
+    machine = os.uname().machine
     return "linux", _ARCHITECTURES.get(machine, machine)
 
 
