@@ -228,6 +228,7 @@ def _run(args: argparse.Namespace, config: Config) -> None:
 
 def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
     from grootfs_py import images
+    from grootfs_py.sources import SourceOptions
 
     if len(args.args) != 2:
         raise InvalidArgumentError(CREATE_USAGE)
@@ -236,7 +237,12 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
         without_mount=config.create.without_mount,
         disk_limit_size_bytes=config.create.disk_limit_size_bytes,
         exclude_image_from_quota=config.create.exclude_image_from_quota,
-        skip_layer_validation=config.create.skip_layer_validation,
+        source=SourceOptions(
+            skip_layer_validation=config.create.skip_layer_validation,
+            insecure_registries=config.create.insecure_registries,
+            username=args.username or "",
+            password=args.password or "",
+        ),
     )
     spec = images.create(store, url, image_id, options)
     _print(spec)

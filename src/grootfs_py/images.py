@@ -25,7 +25,7 @@ class CreateOptions(NamedTuple):
     without_mount: bool = False
     disk_limit_size_bytes: int = 0
     exclude_image_from_quota: bool = False
-    skip_layer_validation: bool = False
+    source: sources.SourceOptions = sources.SourceOptions()
 
 
 def check_id(image_id: str) -> None:
@@ -48,7 +48,7 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
     with store.lock(shared=True):
         if os.path.lexists(image_dir):
             raise StoreError(f"image for id `{image_id}` already exists")
-        image = sources.resolve(url, skip_layer_validation=options.skip_layer_validation)
+        image = sources.resolve(url, options.source)
         volumes.ensure(store, image.layers, idmap)
 
         with contextlib.ExitStack() as undo:

@@ -29,6 +29,15 @@ class Layer(NamedTuple):
         return self.digest or self.chain_id
 
 
+class SourceOptions(NamedTuple):
+    """How to fetch: what the caller allows and the credentials it has."""
+
+    skip_layer_validation: bool = False
+    insecure_registries: tuple[str, ...] = ()
+    username: str = ""
+    password: str = ""
+
+
 class Image(NamedTuple):
     layers: tuple[Layer, ...]
     env: tuple[str, ...] = ()
@@ -46,12 +55,12 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return chains
 
 
-def resolve(url: str, *, skip_layer_validation: bool = False) -> Image:
+def resolve(url: str, options: SourceOptions = SourceOptions()) -> Image:
     """The image an URL names: ``oci://``, ``docker://`` or a local tar path."""
     if url.startswith("oci://"):
         from grootfs_py.sources import oci
 
-        return oci.load(url, skip_layer_validation=skip_layer_validation)
+        return oci.load(url, skip_layer_validation=options.skip_layer_validation)
     if url.startswith("docker://"):
         raise ImageSourceError("docker:// images are not supported yet")
     if "://" in url:
