@@ -93,6 +93,9 @@ def main() -> int:
     if not (LAYOUT / "index.json").exists():
         sys.exit("bench: no Debian image: run demo/build-debian-image first")
 
+    # An installed package carries its bytecode; with PYTHONDONTWRITEBYTECODE set
+    # (as on this machine) an editable checkout would be compiled on every run.
+    run([sys.executable, "-m", "compileall", "-q", str(REPO / "src")])
     work = Path(tempfile.mkdtemp(prefix="grootfs-bench-"))
     store = work / "store"
     grootfs = [str(BIN / "grootfs"), "--store", str(store), "--log-file", str(work / "log")]
