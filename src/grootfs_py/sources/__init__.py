@@ -55,8 +55,9 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return chains
 
 
-def resolve(url: str, options: SourceOptions = SourceOptions()) -> Image:
+def resolve(url: str, options: SourceOptions | None = None) -> Image:
     """The image an URL names: ``oci://``, ``docker://`` or a local tar path."""
+    options = options or SourceOptions()
     if url.startswith("oci://"):
         from grootfs_py.sources import oci
 
