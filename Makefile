@@ -12,14 +12,22 @@ MAKEFLAGS += --no-builtin-rules
 #   busybox-static  a one-file userland for small test images
 #   debootstrap     the Debian base image of the demo and the benchmark
 #   umoci, skopeo   check that image's layout; umoci is the benchmark's reference unpacker
-APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo
+#   docker-registry the real registry the registry tests, demo and benchmark start on loopback
+#   apache2-utils   htpasswd, for the registry's basic-auth variant
+#   podman          the registry benchmark's peer
+APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo \
+	docker-registry apache2-utils podman
+# The BOSH release's tests: ruby renders the job templates (ERB); the rest
+# compile the release's packages as a stemcell's compilation VM would.
+APT_PACKAGES += ruby gcc make libc6-dev zlib1g-dev libffi-dev libssl-dev uuid-dev \
+  xz-utils bzip2 e2fsprogs util-linux curl
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 LINTED := src tests bench demo demo/build-debian-image
 
-.PHONY: deps apt-deps lint test demo bench image clean clean-image require-root
+.PHONY: deps apt-deps lint test demo bench image clean clean-image require-root spec
 
 require-root:
 	@if [[ $$(id -u) -ne 0 ]]; then echo "make: this target must run as root" >&2; exit 1; fi
@@ -55,8 +63,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
-test: deps lint
+test: deps lint spec
 	$(VENV)/bin/pytest
+
+# The job templates rendered through Ruby's ERB (spec/support gives BOSH's p, if_p, spec).
+spec: apt-deps
+	ruby -e 'Dir["spec/**/*_spec.rb"].sort.each { |f| require_relative f }'
 
 image: deps
 	$(PY) demo/build-debian-image
@@ -66,6 +78,7 @@ demo: image
 
 bench: image
 	$(PY) bench/bench_create.py
+	$(PY) bench/bench_registry.py
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

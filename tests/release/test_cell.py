@@ -1,0 +1,311 @@
+"""A simulated Diego cell: the job's lifecycle on BOSH's real paths, in a private mount namespace.
+
+/var/vcap is a tmpfs, /var/vcap/data an ext4 "ephemeral disk" on a loop
+device (40 GiB, sparse), the compiled packages and the rendered job laid out
+as the agent lays them out. /etc/cron.d and /usr/local/sbin get tmpfs copies
+of their own, and the host's mkfs.xfs is hidden: the stores can only be made
+with the release's xfsprogs. The tests run in order, as a deploy would:
+pre-start, Garden's calls, post-start, a scheduled clean, a restart.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from bosh import ROOT, Namespace, package_names, render_job
+
+import imagefactory as f
+
+GiB = 1024**3
+MiB = 1024**2
+JOB = "/var/vcap/jobs/grootfs"
+GROOTFS = "/var/vcap/packages/grootfs_py/bin/grootfs"
+STORES = {
+    "unprivileged": "/var/vcap/data/grootfs/store/unprivileged",
+    "privileged": "/var/vcap/data/grootfs/store/privileged",
+}
+CONFIGS = {
+    "unprivileged": f"{JOB}/config/grootfs_config.yml",
+    "privileged": f"{JOB}/config/privileged_grootfs_config.yml",
+}
+MAPPINGS = [(0, 4294967294, 1), (1, 1, 4294967293)]
+PROPERTIES = {"grootfs": {"clean": {"threshold_in_mb": 0, "deadline_in_seconds": 10}}}
+
+_runc_spec = importlib.util.spec_from_file_location("runc", ROOT / "tests/integration/runc.py")
+assert _runc_spec and _runc_spec.loader
+runc = importlib.util.module_from_spec(_runc_spec)
+_runc_spec.loader.exec_module(runc)
+
+
+class Cell:
+    def __init__(self, ns: Namespace, work: Path, disk_available: int) -> None:
+        self.ns = ns
+        self.work = work
+        self.disk_available = disk_available
+
+    def run(self, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return self.ns.run(argv, **kwargs)  # type: ignore[arg-type]
+
+    def grootfs(self, store: str, *args: str, check: bool = True) -> str:
+        # As Garden calls the plugin: its extra args first, then the command.
+        return self.run([GROOTFS, "--config", CONFIGS[store], *args], check=check).stdout
+
+    def config(self, store: str) -> dict[str, object]:
+        return json.loads(self.run(["cat", CONFIGS[store]]).stdout)
+
+    def xfs_uuid(self, store: str) -> bytes:
+        head = subprocess.run(
+            [*self.ns.enter, "--", "head", "-c", "48", f"{STORES[store]}.backing-store"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert head[:4] == b"XFSB"
+        return head[32:48]
+
+    def runc_run(self, spec: dict[str, object], argv: list[str], mapped: bool) -> str:
+        root = spec["root"]["path"]  # type: ignore[index]
+        env = spec.get("process", {}).get("env") or runc.DEFAULT_ENV  # type: ignore[union-attr]
+        config = runc.runtime_config(
+            root,
+            argv,
+            env,
+            uid_mappings=MAPPINGS if mapped else None,
+            gid_mappings=MAPPINGS if mapped else None,
+        )
+        bundle = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.work))
+        (bundle / "config.json").write_text(json.dumps(config))
+        name = f"cell-{uuid.uuid4().hex[:8]}"
+        state = str(self.work / "runc-state")
+        try:
+            return self.run(["runc", "--root", state, "run", "--bundle", str(bundle), name]).stdout
+        finally:
+            self.run(["runc", "--root", state, "delete", "--force", name], check=False)
+
+
+def _loop_devices(pattern: str) -> list[str]:
+    out = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line for line in out.splitlines() if pattern in line]
+
+
+@pytest.fixture(scope="module")
+def cell(require_root_module: None, compiled_packages: None):
+    work = Path(tempfile.mkdtemp(prefix="grootfs-cell-", dir="/var/tmp"))
+    work.chmod(0o755)
+    disk = work / "ephemeral-disk.img"
+    subprocess.run(["truncate", "-s", "40G", str(disk)], check=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(disk)],
+        check=True,
+    )
+    ns = Namespace()
+    try:
+        ns.run(["mount", "-t", "tmpfs", "tmpfs", "/etc/cron.d"])
+        ns.run(["mount", "-t", "tmpfs", "tmpfs", "/usr/local/sbin"])
+        for tool in ("/usr/sbin/mkfs.xfs", "/sbin/mkfs.xfs"):
+            if Path(tool).exists() and not Path(tool).is_symlink():
+                ns.run(["mount", "--bind", "/dev/null", tool])
+        ns.run(["mkdir", "-p", "/var/vcap/data"])
+        ns.run(["mount", "-o", "loop", str(disk), "/var/vcap/data"])
+        ns.run(["mkdir", "-p", "/var/vcap/data/sys/log", "/var/vcap/data/sys/run"])
+        ns.run(["ln", "-s", "data/sys", "/var/vcap/sys"])
+        for name in package_names():
+            ns.install(name)
+        rendered = work / "job"
+        render_job("grootfs", PROPERTIES, rendered)
+        ns.run(["mkdir", "-p", "/var/vcap/data/jobs", "/var/vcap/jobs"])
+        ns.run(["cp", "-a", str(rendered), "/var/vcap/data/jobs/grootfs"])
+        ns.run(["ln", "-s", "/var/vcap/data/jobs/grootfs", JOB])
+        stat = ns.run(["stat", "-f", "-c", "%a %S", "/var/vcap/data"]).stdout.split()
+        c = Cell(ns, work, int(stat[0]) * int(stat[1]))
+        started = time.monotonic()
+        c.pre_start_output = ns.run([f"{JOB}/bin/pre-start"], timeout=300).stdout
+        c.pre_start_seconds = time.monotonic() - started
+        yield c
+    finally:
+        ns.close()
+        # Nothing may outlive the cell: no loop device on the disk or a store.
+        deadline = time.monotonic() + 10
+        while (leaks := _loop_devices(str(disk)) + _loop_devices("/var/vcap/data/grootfs")) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        for line in leaks:
+            subprocess.run(["losetup", "--detach", line.split()[0]], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+        assert not leaks, f"the cell left loop devices behind: {leaks}"
+
+
+@pytest.fixture(scope="module")
+def require_root_module() -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.fail("the simulated cell needs root (mount namespaces, loop devices)", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def oci_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cell-image")
+    path.chmod(0o755)
+    layout = f.write_oci_layout(
+        str(path / "layout"),
+        [f.busybox_layer(), [f.file("etc/motd", b"hello from the cell\n")]],
+        env=["PATH=/bin"],
+    )
+    return f"oci://{layout.path}"
+
+
+def test_pre_start_sizes_both_stores_within_what_the_reserve_leaves(cell):
+    sizes = {s: cell.config(s)["init"]["store_size_bytes"] for s in STORES}
+    budget = cell.disk_available - 15360 * MiB
+    assert sum(sizes.values()) <= budget
+    assert sum(sizes.values()) >= budget - 2 * MiB
+    assert sizes["privileged"] == pytest.approx(0.2 * budget, abs=2 * MiB)
+    for store in STORES:
+        config = cell.config(store)
+        assert 0 < config["clean"]["threshold_bytes"] < sizes[store]
+        assert config["create"]["with_clean"] is True
+
+
+def test_pre_start_formats_mounts_and_initialises_both_stores_with_the_packaged_mkfs(cell):
+    assert cell.run(["readlink", "/usr/local/sbin/mkfs.xfs"]).stdout.strip() == (
+        "/var/vcap/packages/xfsprogs/sbin/mkfs.xfs"
+    )
+    for store, path in STORES.items():
+        fstype = cell.run(["findmnt", "--noheadings", "--output", "FSTYPE", path]).stdout.strip()
+        assert fstype == "xfs"
+        namespace = json.loads(cell.run(["cat", f"{path}/meta/namespace.json"]).stdout)
+        assert bool(json.dumps(namespace).count("4294967294")) == (store == "unprivileged")
+        size, blocks = cell.run(["stat", "-c", "%s %b", f"{path}.backing-store"]).stdout.split()
+        assert int(blocks) * 512 < int(size) // 10  # sparse: not grown to its size
+    assert "both stores ready" in cell.pre_start_output
+
+
+def test_pre_start_installs_the_scheduled_clean(cell):
+    entry = cell.run(["cat", "/etc/cron.d/grootfs-py-clean"]).stdout.splitlines()[-1]
+    assert entry.startswith(f"*/30 * * * * root {JOB}/bin/clean >>/var/vcap/sys/log/grootfs/")
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_garden_creates_stats_runs_and_deletes_a_container(cell, oci_image, store):
+    handle = f"garden-{store}"
+    spec = json.loads(cell.grootfs(store, "create", oci_image, handle))
+    assert spec["root"]["path"] == f"{STORES[store]}/images/{handle}/rootfs"
+    stats = json.loads(cell.grootfs(store, "stats", handle))
+    assert set(stats["disk_usage"]) >= {"total_bytes_used", "exclusive_bytes_used"}
+    out = cell.runc_run(spec, ["/bin/sh", "-c", "cat /etc/motd; id -u"], store == "unprivileged")
+    assert out.splitlines() == ["hello from the cell", "0"]
+    assert cell.grootfs(store, "delete", handle).startswith("Image ")
+    # Garden deletes through both plugins; the other store does not know the handle.
+    other = "privileged" if store == "unprivileged" else "unprivileged"
+    assert "not found. Skipping delete." in cell.grootfs(other, "delete", handle)
+    assert cell.grootfs(store, "list").strip() == "Store empty"
+
+
+def test_post_start_passes_the_canary_gate_on_both_stores(cell):
+    out = cell.run([f"{JOB}/bin/post-start"], timeout=300).stdout
+    assert out.count("canary passed") == 2
+    for store in STORES:
+        assert cell.grootfs(store, "list").strip() == "Store empty"
+
+
+def test_post_start_fails_the_deploy_when_a_canary_cannot_be_created(cell):
+    canary = "/var/vcap/packages/grootfs_py/canary/rootfs.tar"
+    cell.run(["mv", canary, f"{canary}.away"])
+    try:
+        result = cell.run([f"{JOB}/bin/post-start"], check=False, timeout=300)
+    finally:
+        cell.run(["mv", f"{canary}.away", canary])
+    assert result.returncode == 1
+    assert "FAILED: create the canary image" in result.stderr
+
+
+def test_the_scheduled_clean_collects_unused_layers_of_both_stores(cell, oci_image):
+    for store in STORES:
+        cell.grootfs(store, "create", oci_image, "short-lived")
+        cell.grootfs(store, "delete", "short-lived")
+        assert cell.run(["ls", f"{STORES[store]}/volumes"]).stdout.split()  # layers left behind
+    out = cell.run([f"{JOB}/bin/clean"], timeout=120).stdout
+    assert out.count("cleaned:") == 2
+    for store in STORES:
+        assert cell.run(["ls", f"{STORES[store]}/volumes"]).stdout.split() == []
+
+
+def test_a_scheduled_clean_skips_while_another_one_runs(cell):
+    # Another run (a separate process, as cron starts them) holds the lock.
+    script = (
+        "( exec 8>/var/vcap/sys/run/grootfs/clean.lock; flock 8; exec sleep 30 ) >/dev/null 2>&1 & "
+        "holder=$!; sleep 1; "
+        f"{JOB}/bin/clean; rc=$?; kill $holder; exit $rc"
+    )
+    result = cell.run(["bash", "-c", script], timeout=60)
+    assert "another clean is still running: skipping" in result.stdout
+    assert "cleaned:" not in result.stdout
+
+
+def test_a_scheduled_clean_that_hangs_is_stopped_at_its_deadline(cell):
+    # A store lock held elsewhere makes grootfs clean wait (up to its own 300 s).
+    lock = f"{STORES['unprivileged']}/locks/store.lock"
+    script = (
+        f"( exec 8>{lock}; flock --exclusive 8; exec sleep 60 ) >/dev/null 2>&1 & holder=$!; "
+        "sleep 1; "
+        f"start=$(date +%s); {JOB}/bin/clean; rc=$?; kill $holder; "
+        'echo "rc=$rc elapsed=$(( $(date +%s) - start ))"'
+    )
+    out = cell.run(["bash", "-c", script], timeout=120).stdout
+    last = dict(kv.split("=") for kv in out.splitlines()[-1].split())
+    assert last["rc"] == "1"
+    assert int(last["elapsed"]) < 40  # the 10 s deadline, not the lock's 300 s
+    assert "failed or passed the deadline (status 124)" in out
+
+
+def test_pre_start_with_require_quota_fails_exactly_when_check_quota_does(cell):
+    # This machine's kernel lacks XFS quotas (CI's too); a stemcell's has them.
+    enforced = all(
+        cell.run([GROOTFS, "--config", CONFIGS[s], "check-quota"], check=False).returncode == 0
+        for s in STORES
+    )
+    rendered = cell.work / "job-require-quota"
+    render_job("grootfs", {"grootfs": {**PROPERTIES["grootfs"], "require_quota": True}}, rendered)
+    pre_start = f"{JOB}/bin/pre-start"
+    cell.run(["cp", pre_start, f"{pre_start}.default"])
+    cell.run(["cp", str(rendered / "bin" / "pre-start"), pre_start])
+    try:
+        result = cell.run([pre_start], check=False, timeout=300)
+    finally:
+        cell.run(["mv", f"{pre_start}.default", pre_start])
+    assert (result.returncode == 0) == enforced, result.stdout + result.stderr
+    if not enforced:
+        assert "does not enforce disk quotas" in result.stderr
+
+
+def test_restart_and_reboot_keep_the_stores_and_their_images(cell, oci_image):
+    cell.grootfs("unprivileged", "create", oci_image, "survivor")
+    uuids = {s: cell.xfs_uuid(s) for s in STORES}
+    configs = {s: cell.config(s) for s in STORES}
+
+    # A restart: pre-start again with everything mounted.
+    cell.run([f"{JOB}/bin/pre-start"], timeout=300)
+    # A reboot: the stores and the images' overlays are gone, the disk stays.
+    for path in STORES.values():
+        cell.run(["umount", "--recursive", path])
+    cell.run([f"{JOB}/bin/pre-start"], timeout=300)
+
+    assert {s: cell.xfs_uuid(s) for s in STORES} == uuids  # not reformatted
+    assert {s: cell.config(s) for s in STORES} == configs  # sized the same
+    listed = cell.grootfs("unprivileged", "list").split()
+    assert listed == [f"{STORES['unprivileged']}/images/survivor"]
+    assert cell.grootfs("unprivileged", "delete", "survivor").startswith("Image ")
