@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# `make demo`: a Debian root filesystem from an OCI image layout, made by
-# grootfs on a fresh loop-mounted XFS store and run with runc, then removed.
+# `make demo`: the Debian image pushed into a local registry, made into a root
+# filesystem by grootfs (create docker://...) on a fresh loop-mounted XFS
+# store and run with runc, then removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE="oci://$PWD/.cache/debian-bookworm-oci:bookworm"
+LAYOUT="$PWD/.cache/debian-bookworm-oci"
 ID=demo-container
 T=$(mktemp -d /tmp/grootfs-demo.XXXXXX)
 STORE=$T/store
 LOG=$T/grootfs.log
+REGISTRY_PID=
 
 grootfs() { .venv/bin/grootfs --store "$STORE" --log-file "$LOG" "$@"; }
 step() { printf '\n==> %s\n' "$*"; }
@@ -22,7 +24,9 @@ cleanup() {
     tail -n 20 "$LOG"
   fi
   grootfs delete "$ID" >/dev/null 2>&1
+  grootfs delete "$ID-again" >/dev/null 2>&1
   grootfs delete-store >/dev/null 2>&1
+  if [[ -n $REGISTRY_PID ]]; then kill "$REGISTRY_PID" 2>/dev/null; wait "$REGISTRY_PID" 2>/dev/null; fi
   awk -v t="$T/" 'index($5, t) == 1 {print $5}' /proc/self/mountinfo | sort -r |
     while read -r point; do umount --lazy "$point"; done
   if [[ -e $STORE.backing-store ]]; then
@@ -34,14 +38,34 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Debian's docker-registry, on loopback only, with a config of our own (the
+# packaged one listens on all interfaces).
+PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+REGISTRY=127.0.0.1:$PORT
+IMAGE="docker://$REGISTRY/debian:bookworm"
+printf '{"version": 0.1, "log": {"level": "warn", "accesslog": {"disabled": true}},
+ "storage": {"filesystem": {"rootdirectory": "%s"}}, "http": {"addr": "%s", "secret": "demo"}}\n' \
+  "$T/registry" "$REGISTRY" >"$T/registry.yml"
+step "docker-registry serve on $REGISTRY (plain HTTP, so grootfs gets --insecure-registry)"
+docker-registry serve "$T/registry.yml" >"$T/registry.log" 2>&1 &
+REGISTRY_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+
+step "skopeo copy oci:$LAYOUT:bookworm $IMAGE"
+skopeo copy --quiet --dest-tls-verify=false "oci:$LAYOUT:bookworm" "$IMAGE"
+
 step "grootfs init-store: a 4 GiB XFS filesystem in $STORE.backing-store, loop-mounted at $STORE"
 grootfs init-store --store-size-bytes $((4 * 1024 * 1024 * 1024))
 
 step "grootfs create $IMAGE $ID (prints the runtime spec Garden reads)"
-grootfs create "$IMAGE" "$ID" | tee "$T/create.json"
+grootfs create --insecure-registry "$REGISTRY" "$IMAGE" "$ID" | tee "$T/create.json"
 
 step "runc runs 'cat /etc/os-release' with root.path and process.env from that JSON"
 .venv/bin/python tests/integration/runc.py "$T/create.json" -- cat /etc/os-release
+
+step "grootfs create $IMAGE $ID-again (layers cached: the manifest is fetched, no blob)"
+time grootfs create --insecure-registry "$REGISTRY" "$IMAGE" "$ID-again" >/dev/null
+grootfs delete "$ID-again"
 
 step "grootfs stats $ID"
 grootfs stats "$ID"

@@ -242,6 +242,8 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
             insecure_registries=config.create.insecure_registries,
             username=args.username or "",
             password=args.password or "",
+            client_certificates_path=config.create.remote_layer_client_certificates_path,
+            cache_dir=store.join("meta", "image-configs"),
         ),
     )
     spec = images.create(store, url, image_id, options)

@@ -28,6 +28,7 @@ class CreateConfig(NamedTuple):
     skip_layer_validation: bool = False
     insecure_registries: tuple[str, ...] = ()
     clean_log_file: str = ""
+    remote_layer_client_certificates_path: str = ""
 
 
 class CleanConfig(NamedTuple):

@@ -18,18 +18,59 @@ from typing import BinaryIO, cast
 
 from grootfs_py import fsutil, log, overlay
 from grootfs_py.digest import VerifyingReader
-from grootfs_py.errors import GrootError, StoreError, UnpackError
+from grootfs_py.errors import (
+    GrootError,
+    ImageSourceError,
+    StoreError,
+    UnpackError,
+    VerificationError,
+)
 from grootfs_py.idmap import IdMap
 from grootfs_py.sources import Layer
 from grootfs_py.store import INCOMPLETE, Store, volume_name
 
+# Layers fetched and unpacked at once. Unpacking is mostly syscalls and
+# decompression (both release the GIL); more than a few at once only
+# multiplies memory and contends for the disk.
+MAX_PARALLEL_LAYERS = 3
+
 
 def ensure(store: Store, layers: Sequence[Layer], idmap: IdMap) -> None:
-    """Make sure every layer is complete in the store, with its short link."""
+    """Make sure every layer is complete in the store, with its short link.
+
+    Missing layers are fetched and unpacked concurrently, each into its own
+    volume, at most :data:`MAX_PARALLEL_LAYERS` at a time. Layers already in
+    the store are never opened (for a registry: never requested). If one
+    fails, no new layer starts, the running ones finish or fail (each
+    removes its own incomplete directory), and the first failure in layer
+    order is raised.
+    """
+    missing: dict[str, Layer] = {}
     for layer in layers:
-        if not os.path.isdir(store.volume_dir(layer.chain_id)):
-            _unpack(store, layer, idmap)
+        if layer.chain_id not in missing and not os.path.isdir(store.volume_dir(layer.chain_id)):
+            missing[layer.chain_id] = layer
+    if len(missing) == 1:
+        _unpack(store, next(iter(missing.values())), idmap)
+    elif missing:
+        _unpack_concurrently(store, list(missing.values()), idmap)
+    for layer in layers:
         link(store, layer.chain_id)
+
+
+def _unpack_concurrently(store: Store, layers: list[Layer], idmap: IdMap) -> None:
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    workers = min(MAX_PARALLEL_LAYERS, len(layers))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
+        futures = [pool.submit(_unpack, store, layer, idmap) for layer in layers]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            for future in futures:
+                future.cancel()
+        wait(futures)
+    for future in futures:
+        if not future.cancelled() and (error := future.exception()) is not None:
+            raise error
 
 
 def link(store: Store, chain_id: str) -> str:
@@ -63,6 +104,23 @@ def _open_verified(layer: Layer) -> tuple[VerifyingReader, VerifyingReader]:
     return compressed, uncompressed
 
 
+def _blame_the_blob(compressed: VerifyingReader, error: BaseException) -> None:
+    """Raise the layerID mismatch if the blob behind a failed unpack was not the promised one.
+
+    Corruption usually surfaces as a decompression or tar error first; what
+    the user needs to hear is that the bytes were wrong. Network failures
+    are reported as they are.
+    """
+    if isinstance(error, ImageSourceError):
+        return
+    try:
+        compressed.finish()
+    except VerificationError:
+        raise
+    except Exception:
+        return
+
+
 def _unpack(store: Store, layer: Layer, idmap: IdMap) -> None:
     from grootfs_py import linux
     from grootfs_py.unpack import unpack_layer
@@ -77,17 +135,24 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap) -> None:
         with contextlib.closing(compressed._inner):
             try:
                 result = unpack_layer(cast(BinaryIO, uncompressed), tmp, idmap, layer=layer.label)
-                uncompressed.finish()
+                # Compressed bytes first: a corrupt blob is a layerID mismatch even
+                # when it still decompresses (to the wrong tar).
+                while uncompressed.read(1 << 20):
+                    pass
                 compressed.finish()
-            except GrootError:
+                uncompressed.finish()
+            except VerificationError:
                 raise
-            except (OSError, EOFError, ValueError, zlib.error) as exc:
-                raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
             except Exception as exc:
-                # zstandard.ZstdError is neither of the above.
-                if type(exc).__name__ != "ZstdError":
+                _blame_the_blob(compressed, exc)
+                if isinstance(exc, GrootError):
                     raise
-                raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
+                # zlib.error, EOFError, zstandard.ZstdError...: a corrupt stream.
+                if isinstance(exc, OSError | EOFError | ValueError | zlib.error) or (
+                    type(exc).__name__ == "ZstdError"
+                ):
+                    raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
+                raise
         fsutil.write_json(store.volume_meta(layer.chain_id), {"size": result.size_bytes})
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

@@ -23,6 +23,7 @@ class Layer(NamedTuple):
     digest: str | None = None  # of the compressed bytes; None: nothing to check
     size: int | None = None
     diff_id: str | None = None  # of the uncompressed tar
+    blob_size: int | None = None  # compressed size as published, verified or not
 
     @property
     def label(self) -> str:
@@ -36,6 +37,8 @@ class SourceOptions(NamedTuple):
     insecure_registries: tuple[str, ...] = ()
     username: str = ""
     password: str = ""
+    client_certificates_path: str = ""  # <path>/<host:port>/*.cert + *.key
+    cache_dir: str = ""  # where registry image configs are kept (content-addressed)
 
 
 class Image(NamedTuple):
@@ -63,7 +66,10 @@ def resolve(url: str, options: SourceOptions | None = None) -> Image:
 
         return oci.load(url, skip_layer_validation=options.skip_layer_validation)
     if url.startswith("docker://"):
-        raise ImageSourceError("docker:// images are not supported yet")
+        # Imported only here: the HTTP stack costs more than a warm create of a local image.
+        from grootfs_py.sources import registry
+
+        return registry.load(url, options)
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise ImageSourceError(f"unsupported image URL scheme `{scheme}`")

@@ -111,6 +111,7 @@ def load(url: str, *, skip_layer_validation: bool = False) -> Image:
                 digest=layer_desc.digest if check else None,
                 size=layer_desc.size if check else None,
                 diff_id=diff_id if check else None,
+                blob_size=layer_desc.size,
             )
         )
     return Image(layers=tuple(layers), env=config.env)

@@ -41,5 +41,11 @@ def load(path: str) -> Image:
     def opener() -> BinaryIO:
         return open(real, "rb")
 
-    layer = Layer(chain_id=chain_id, media_type=MEDIA_TYPE, compression=kind, open=opener)
+    layer = Layer(
+        chain_id=chain_id,
+        media_type=MEDIA_TYPE,
+        compression=kind,
+        open=opener,
+        blob_size=st.st_size,
+    )
     return Image(layers=(layer,))
