@@ -60,6 +60,24 @@ def _remove_debris(store: Store) -> None:
         if image_id not in images:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(store.dependency_file(image_id))
+    _release_orphan_projects(store, images)
+
+
+def _release_orphan_projects(store: Store, images: set[str]) -> None:
+    """Free project ids whose image is gone (a delete killed before freeing them)."""
+    from grootfs_py import quota
+
+    ids = quota.ProjectIds(store.join("projectids"))
+    orphans = [pid for pid, owner in ids.owners().items() if owner not in images]
+    if not orphans:
+        return
+    device = quota.device_of(store.path) if store.info().quotas else None
+    for project_id in orphans:
+        if device is not None:
+            with contextlib.suppress(OSError):
+                quota.set_limit(device, project_id, 0)
+        ids.free(project_id)
+        log.info("freed orphan project id", project_id=project_id)
 
 
 def _remove_dangling_links(store: Store) -> None:

@@ -52,6 +52,7 @@ def _init_store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-size-bytes", type=_size)
     p.add_argument("--uid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
     p.add_argument("--gid-mapping", action="append", default=[], metavar="NS:HOST:SIZE")
+    p.add_argument("--with-direct-io", action="store_true", default=None)
 
 
 def _create_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +95,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "clean": ("remove layers no image uses", _clean_arguments),
     "capacity": ("the store's configured size", _no_arguments),
     "generate-volume-size-metadata": ("rebuild layer size records", _no_arguments),
+    "check-quota": ("prove that the store enforces disk quotas", _no_arguments),
 }
 _GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file")
 
@@ -168,7 +170,9 @@ def _configure(args: argparse.Namespace) -> Config:
     elif args.command == "clean":
         config = config.override("clean", threshold_bytes=args.threshold_bytes)
     elif args.command == "init-store":
-        config = config.override("init", store_size_bytes=args.store_size_bytes)
+        config = config.override(
+            "init", store_size_bytes=args.store_size_bytes, with_direct_io=args.with_direct_io
+        )
     return config.validate()
 
 
@@ -217,9 +221,15 @@ def _run(args: argparse.Namespace, config: Config) -> None:
             tuple(IdMapping.parse(m) for m in args.uid_mapping),
             tuple(IdMapping.parse(m) for m in args.gid_mapping),
         )
-        store.init(size_bytes=config.init.store_size_bytes, idmap=idmap)
+        store.init(
+            size_bytes=config.init.store_size_bytes,
+            idmap=idmap,
+            direct_io=config.init.with_direct_io,
+        )
     elif command == "delete-store":
         store.delete()
+    elif command == "check-quota":
+        store.check_quota()
     elif command == "generate-volume-size-metadata":
         from grootfs_py import volumes
 

@@ -49,7 +49,32 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
         if os.path.lexists(image_dir):
             raise StoreError(f"image for id `{image_id}` already exists")
         image = sources.resolve(url, options.source)
-        volumes.ensure(store, image.layers, idmap)
+        limit = options.disk_limit_size_bytes
+        inclusive = limit > 0 and not options.exclude_image_from_quota
+        chain_ids = [layer.chain_id for layer in image.layers]
+        budget = None
+        if inclusive:
+            cached = sum(
+                store.volume_size(c) for c in chain_ids if os.path.isdir(store.volume_dir(c))
+            )
+            if cached > limit:
+                raise StoreError("disk limit is smaller than volume size")
+            missing = [
+                layer
+                for layer in image.layers
+                if not os.path.isdir(store.volume_dir(layer.chain_id))
+            ]
+            if sum(layer.blob_size or 0 for layer in missing) > limit - cached:
+                # Checked before any download: the compressed bytes alone do not fit.
+                raise StoreError("layers exceed disk quota")
+            budget = volumes.Budget(limit - cached)
+        volumes.ensure(store, image.layers, idmap, budget)
+        base_size = sum(store.volume_size(c) for c in chain_ids)
+        quota_bytes = 0
+        if limit > 0:
+            quota_bytes = limit - base_size if inclusive else limit
+            if quota_bytes < 0:
+                raise StoreError("disk limit is smaller than volume size")
 
         with contextlib.ExitStack() as undo:
             try:
@@ -57,8 +82,10 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
             except FileExistsError:
                 raise StoreError(f"image for id `{image_id}` already exists") from None
             undo.callback(fsutil.remove_tree, image_dir)
+            project_id = 0
+            if limit > 0:
+                project_id = _limit_directory(store, image_id, image_dir, quota_bytes, undo)
 
-            chain_ids = [layer.chain_id for layer in image.layers]
             deps = store.dependency_file(image_id)
             fsutil.write_json(deps, {"layers": chain_ids})
             undo.callback(_unlink_quietly, deps)
@@ -74,14 +101,14 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
                 overlay.mount(store.path, rel_dir, shorts)
                 undo.callback(overlay.unmount, os.path.join(image_dir, "rootfs"))
 
-            base_size = sum(store.volume_size(c) for c in chain_ids)
             fsutil.write_json(
                 os.path.join(image_dir, IMAGE_JSON),
                 {
                     "id": image_id,
                     "source": url,
                     "base_size": base_size,
-                    "quota_size_bytes": 0,
+                    "quota_size_bytes": quota_bytes,
+                    "project_id": project_id,
                     "mounted": not options.without_mount,
                     "env": list(image.env),
                 },
@@ -104,6 +131,39 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
             }
         ]
     return spec
+
+
+def _limit_directory(
+    store: Store, image_id: str, image_dir: str, quota_bytes: int, undo: contextlib.ExitStack
+) -> int:
+    """Give *image_dir* its own project with a hard limit; return the project id.
+
+    Runs before diff/ and workdir/ exist, so both inherit the project.
+    """
+    from grootfs_py import quota
+
+    ids = quota.ProjectIds(store.join("projectids"))
+    project_id = ids.allocate(image_id)
+    undo.callback(ids.free, project_id)
+    device = quota.device_of(store.path)
+    try:
+        quota.set_project(image_dir, project_id)
+        # A zero limit means "no limit" to XFS; an image with no room left
+        # gets the smallest limit there is instead.
+        quota.set_limit(device, project_id, max(quota_bytes, 1))
+    except OSError as exc:
+        raise StoreError(f"apply disk limit to image `{image_id}`: {exc.strerror}") from None
+    undo.callback(_release_project, store, project_id)
+    return project_id
+
+
+def _release_project(store: Store, project_id: int) -> None:
+    """Drop the project's limit and free its id (its files must be gone)."""
+    from grootfs_py import quota
+
+    with contextlib.suppress(OSError, StoreError):
+        quota.set_limit(quota.device_of(store.path), project_id, 0)
+    quota.ProjectIds(store.join("projectids")).free(project_id)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -131,6 +191,9 @@ def delete(store: Store, id_or_path: str) -> str | None:
     image_dir = store.image_dir(image_id)
     if not os.path.lexists(image_dir):
         return None
+    project_id = 0
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        project_id = int(fsutil.read_json(os.path.join(image_dir, IMAGE_JSON)).get("project_id", 0))
     with store.lock(shared=True):
         overlay.unmount(os.path.join(image_dir, "rootfs"))
         trashed = store.trash(image_dir, f"image-{image_id}")
@@ -144,6 +207,8 @@ def delete(store: Store, id_or_path: str) -> str | None:
             raise StoreError(f"delete image {image_id}: {left[0]} is still mounted")
         _unlink_quietly(store.dependency_file(image_id))
         fsutil.remove_tree(trashed)
+        if project_id:
+            _release_project(store, project_id)
     log.info("image deleted", id=image_id)
     return image_id
 
@@ -174,13 +239,22 @@ def read_image(store: Store, image_id: str) -> dict[str, Any]:
 def stats(store: Store, image_id: str) -> dict[str, Any]:
     record = read_image(store, image_id)
     base = int(record.get("base_size", 0))
-    quota = int(record.get("quota_size_bytes", 0))
-    exclusive = fsutil.disk_usage(os.path.join(store.image_dir(image_id), "diff"))
+    quota_bytes = int(record.get("quota_size_bytes", 0))
+    project_id = int(record.get("project_id", 0))
+    if project_id:
+        from grootfs_py import quota
+
+        try:
+            exclusive, _ = quota.usage(quota.device_of(store.path), project_id)
+        except OSError as exc:
+            raise StoreError(f"read disk usage of image `{image_id}`: {exc.strerror}") from None
+    else:
+        exclusive = fsutil.disk_usage(os.path.join(store.image_dir(image_id), "diff"))
     return {
         "disk_usage": {
             "total_bytes_used": base + exclusive,
             "exclusive_bytes_used": exclusive,
-            "quota_size_bytes": quota,
-            "committed_space_bytes": base + quota,
+            "quota_size_bytes": quota_bytes,
+            "committed_space_bytes": base + quota_bytes,
         }
     }

@@ -103,7 +103,7 @@ class Store:
 
     # Lifecycle -------------------------------------------------------------
 
-    def init(self, *, size_bytes: int, idmap: IdMap) -> None:
+    def init(self, *, size_bytes: int, idmap: IdMap, direct_io: bool = False) -> None:
         """Make the store usable: backing filesystem (when sized), layout, mappings."""
         from grootfs_py import backing, mounts
 
@@ -113,7 +113,13 @@ class Store:
             backing.create(self.path, size_bytes)
             quotas = backing.mount(self.path)
             backing_file = backing.backing_path(self.path)
+            backing.set_direct_io(self.path, direct_io)
         else:
+            if direct_io:
+                raise InvalidArgumentError(
+                    "invalid argument: direct I/O needs a store with a backing file "
+                    "(--store-size-bytes)"
+                )
             os.makedirs(self.path, exist_ok=True)
             mounted = mounts.find(self.path)
             quotas = mounted is not None and backing.quota_enabled(mounted)
@@ -151,6 +157,19 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(backing_file)
         log.info("store deleted", store=self.path)
+
+    def check_quota(self) -> None:
+        """Raise unless the kernel enforces project quotas on this store."""
+        from grootfs_py import quota
+
+        self.require_initialized()
+        if not self.info().quotas:
+            raise StoreError(
+                "store cannot enforce disk quotas: it is not mounted with XFS project quotas"
+            )
+        scratch = self.join("tmp", f"check-quota-{os.getpid()}-{os.urandom(4).hex()}")
+        with self.lock(shared=True):
+            quota.prove(self.path, scratch, quota.ProjectIds(self.join("projectids")))
 
     # Volumes -----------------------------------------------------------------
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import zlib
 from collections.abc import Sequence
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from grootfs_py import fsutil, log, overlay
 from grootfs_py.digest import VerifyingReader
@@ -35,7 +36,51 @@ from grootfs_py.store import INCOMPLETE, Store, volume_name
 MAX_PARALLEL_LAYERS = 3
 
 
-def ensure(store: Store, layers: Sequence[Layer], idmap: IdMap) -> None:
+class Budget:
+    """Uncompressed bytes a create may still unpack under an inclusive disk limit.
+
+    Shared by the layers unpacking at once; the first read past it fails
+    that layer, which then removes its incomplete directory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        import threading
+
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def spend(self, n: int) -> None:
+        with self._lock:
+            self.used += n
+            if self.used > self.limit:
+                raise StoreError("uncompressed layer size exceeds quota")
+
+
+class _Budgeted(io.RawIOBase):
+    def __init__(self, inner: VerifyingReader, budget: Budget) -> None:
+        super().__init__()
+        self._inner = inner
+        self._budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        if data:
+            self._budget.spend(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def ensure(
+    store: Store, layers: Sequence[Layer], idmap: IdMap, budget: Budget | None = None
+) -> None:
     """Make sure every layer is complete in the store, with its short link.
 
     Missing layers are fetched and unpacked concurrently, each into its own
@@ -50,19 +95,21 @@ def ensure(store: Store, layers: Sequence[Layer], idmap: IdMap) -> None:
         if layer.chain_id not in missing and not os.path.isdir(store.volume_dir(layer.chain_id)):
             missing[layer.chain_id] = layer
     if len(missing) == 1:
-        _unpack(store, next(iter(missing.values())), idmap)
+        _unpack(store, next(iter(missing.values())), idmap, budget)
     elif missing:
-        _unpack_concurrently(store, list(missing.values()), idmap)
+        _unpack_concurrently(store, list(missing.values()), idmap, budget)
     for layer in layers:
         link(store, layer.chain_id)
 
 
-def _unpack_concurrently(store: Store, layers: list[Layer], idmap: IdMap) -> None:
+def _unpack_concurrently(
+    store: Store, layers: list[Layer], idmap: IdMap, budget: Budget | None
+) -> None:
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     workers = min(MAX_PARALLEL_LAYERS, len(layers))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
-        futures = [pool.submit(_unpack, store, layer, idmap) for layer in layers]
+        futures = [pool.submit(_unpack, store, layer, idmap, budget) for layer in layers]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
             for future in futures:
@@ -121,7 +168,7 @@ def _blame_the_blob(compressed: VerifyingReader, error: BaseException) -> None:
         return
 
 
-def _unpack(store: Store, layer: Layer, idmap: IdMap) -> None:
+def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = None) -> None:
     from grootfs_py import linux
     from grootfs_py.unpack import unpack_layer
 
@@ -134,7 +181,8 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap) -> None:
         compressed, uncompressed = _open_verified(layer)
         with contextlib.closing(compressed._inner):
             try:
-                result = unpack_layer(cast(BinaryIO, uncompressed), tmp, idmap, layer=layer.label)
+                stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
+                result = unpack_layer(cast(BinaryIO, stream), tmp, idmap, layer=layer.label)
                 # Compressed bytes first: a corrupt blob is a layerID mismatch even
                 # when it still decompresses (to the wrong tar).
                 while uncompressed.read(1 << 20):

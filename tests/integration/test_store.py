@@ -89,3 +89,33 @@ def test_capacity_reports_the_configured_store_size(grootfs, dir_store, tmp_path
     config.write_text("init:\n  store_size_bytes: 123456789\n")
     out = grootfs("--config", str(config), "capacity", store=dir_store).stdout
     assert json.loads(out) == {"capacity": 123456789}
+
+
+def _dio(store):
+    device = mounts.find(store).source
+    with open(f"/sys/block/{os.path.basename(device)}/loop/dio") as fh:
+        return fh.read().strip()
+
+
+def test_direct_io_is_set_when_asked_and_cleared_when_not(grootfs, tmp_path):
+    store = str(tmp_path / "store")
+    try:
+        grootfs("init-store", "--store-size-bytes", str(GiB), "--with-direct-io", store=store)
+        assert _dio(store) == "1"
+        grootfs("init-store", "--store-size-bytes", str(GiB), store=store)
+        assert _dio(store) == "0"
+        config = tmp_path / "c.yml"
+        config.write_text("init:\n  with_direct_io: true\n  store_size_bytes: 1073741824\n")
+        grootfs("--config", str(config), "init-store", store=store)
+        assert _dio(store) == "1"
+    finally:
+        grootfs("delete-store", store=store)
+
+
+def test_check_quota_fails_clearly_on_a_store_without_quotas(grootfs, dir_store):
+    # A plain-directory store never has project quotas, whatever the kernel.
+    result = grootfs("check-quota", store=dir_store, check=False)
+    assert result.returncode == 1
+    assert result.stdout == (
+        "store cannot enforce disk quotas: it is not mounted with XFS project quotas\n"
+    )
