@@ -114,9 +114,9 @@ describe 'the grootfs job' do
   end
 
   describe 'bin/pre-start' do
-    it 'checks quotas only when grootfs.require_quota is set' do
-      refute_match(/^\s*check_quotas$/, job.render('bin/pre-start.erb'))
-      assert_match(/^\s*check_quotas$/, job.render('bin/pre-start.erb', 'grootfs' => { 'require_quota' => true }))
+    it 'checks quotas unless grootfs.require_quota is turned off' do
+      assert_match(/^\s*check_quotas$/, job.render('bin/pre-start.erb'))
+      refute_match(/^\s*check_quotas$/, job.render('bin/pre-start.erb', 'grootfs' => { 'require_quota' => false }))
     end
 
     it 'prepares the configs before it initialises the stores' do

@@ -90,7 +90,7 @@ RULES: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
     "grootfs.graph_cleanup_threshold_in_mb": (_int_at_least(-1), -1),
     "grootfs.privileged_store_percent": (_percent, 20),
     "grootfs.experimental_direct_io": (_bool, False),
-    "grootfs.require_quota": (_bool, False),
+    "grootfs.require_quota": (_bool, True),
     "grootfs.metrics_endpoint": (_endpoint, ""),
     "grootfs.tls.cert": (_pem, ""),
     "grootfs.tls.key": (_pem, ""),
