@@ -79,6 +79,11 @@ def _image_argument(metavar: str) -> Callable[[argparse.ArgumentParser], None]:
 
 def _clean_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold-bytes", type=_size)
+    p.add_argument("--deadline-seconds", type=_size)
+
+
+def _check_store_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repair", action="store_true")
 
 
 def _no_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +101,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "capacity": ("the store's configured size", _no_arguments),
     "generate-volume-size-metadata": ("rebuild layer size records", _no_arguments),
     "check-quota": ("prove that the store enforces disk quotas", _no_arguments),
+    "check-store": (
+        "verify the store's invariants (--repair: fix what is safe)",
+        _check_store_arguments,
+    ),
 }
 _GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file")
 
@@ -168,7 +177,9 @@ def _configure(args: argparse.Namespace) -> Config:
             config = config.override("create", without_mount=args.without_mount)
         config = config.override("clean", threshold_bytes=args.threshold_bytes)
     elif args.command == "clean":
-        config = config.override("clean", threshold_bytes=args.threshold_bytes)
+        config = config.override(
+            "clean", threshold_bytes=args.threshold_bytes, deadline_seconds=args.deadline_seconds
+        )
     elif args.command == "init-store":
         config = config.override(
             "init", store_size_bytes=args.store_size_bytes, with_direct_io=args.with_direct_io
@@ -210,8 +221,19 @@ def _run(args: argparse.Namespace, config: Config) -> None:
     elif command == "clean":
         from grootfs_py import clean
 
-        done = clean.clean(store, threshold_bytes=config.clean.threshold_bytes)
-        _print("clean completed" if done else "threshold not reached: skipping clean")
+        outcome = clean.clean(
+            store,
+            threshold_bytes=config.clean.threshold_bytes,
+            deadline_seconds=config.clean.deadline_seconds,
+        )
+        _print(
+            {
+                "completed": "clean completed",
+                "below threshold": "threshold not reached: skipping clean",
+                # Not a failure: the store is being cleaned, by the other one.
+                "already running": "clean already running",
+            }[outcome]
+        )
     elif command == "capacity":
         _print({"capacity": config.init.store_size_bytes})
     elif command == "init-store":
@@ -230,6 +252,16 @@ def _run(args: argparse.Namespace, config: Config) -> None:
         store.delete()
     elif command == "check-quota":
         store.check_quota()
+    elif command == "check-store":
+        from grootfs_py import checkstore
+        from grootfs_py.errors import StoreError
+
+        found = checkstore.check(store, repair=args.repair)
+        for text, repaired in found:
+            _print(f"{text} (repaired)" if repaired else text)
+        left = sum(1 for _, repaired in found if not repaired)
+        if left:
+            raise StoreError(f"check store: {left} problem{'s' if left > 1 else ''} left")
     elif command == "generate-volume-size-metadata":
         from grootfs_py import volumes
 
@@ -282,7 +314,13 @@ def _spawn_clean(config: Config) -> None:
     ]
     if log_file:
         argv += ["--log-file", log_file]
-    argv += ["clean", "--threshold-bytes", str(config.clean.threshold_bytes)]
+    argv += [
+        "clean",
+        "--threshold-bytes",
+        str(config.clean.threshold_bytes),
+        "--deadline-seconds",
+        str(config.clean.deadline_seconds),
+    ]
     log.debug("starting detached clean", argv=argv)
     subprocess.Popen(
         argv,

@@ -33,6 +33,7 @@ class CreateConfig(NamedTuple):
 
 class CleanConfig(NamedTuple):
     threshold_bytes: int = 0
+    deadline_seconds: int = 600  # a whole clean gives up after this long
 
 
 class InitConfig(NamedTuple):
@@ -62,6 +63,8 @@ class Config(NamedTuple):
             raise InvalidArgumentError("invalid argument: disk limit cannot be negative")
         if self.clean.threshold_bytes < 0:
             raise InvalidArgumentError("invalid argument: clean threshold cannot be negative")
+        if self.clean.deadline_seconds <= 0:
+            raise InvalidArgumentError("invalid argument: clean deadline must be positive")
         if self.init.store_size_bytes < 0:
             raise InvalidArgumentError("invalid argument: store size cannot be negative")
         if not self.store:

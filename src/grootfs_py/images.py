@@ -1,9 +1,10 @@
 """Images: one container's root filesystem, an overlay of shared layers.
 
 A create claims ``images/<id>`` with mkdir (so two creates of one id cannot
-both win), records the image's layers before mounting (so clean never takes
-them away), and writes ``image.json`` last: an image directory without it
-is one whose create did not finish. Every step registers its undo, and a
+both win) and holds the directory's flock until it is done, records the
+image's layers while it still holds them shared (so clean never takes them
+away), and writes ``image.json`` last: an image directory without it whose
+lock is free is one whose create was killed. Every step registers its undo, and a
 failed create unwinds all of them.
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from grootfs_py import fsutil, log, overlay, sources, volumes
+from grootfs_py import fsutil, locks, log, overlay, sources, volumes
 from grootfs_py.errors import InvalidArgumentError, StoreError
+from grootfs_py.idmap import IdMap
 from grootfs_py.store import Store
 
 OCI_VERSION = "1.0.2"
@@ -46,7 +49,7 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
     idmap = store.idmap()
     image_dir = store.image_dir(image_id)
     with store.lock(shared=True):
-        if os.path.lexists(image_dir):
+        if os.path.lexists(image_dir) and not _take_over_unfinished(store, image_id):
             raise StoreError(f"image for id `{image_id}` already exists")
         image = sources.resolve(url, options.source)
         limit = options.disk_limit_size_bytes
@@ -68,54 +71,20 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
                 # Checked before any download: the compressed bytes alone do not fit.
                 raise StoreError("layers exceed disk quota")
             budget = volumes.Budget(limit - cached)
-        volumes.ensure(store, image.layers, idmap, budget)
-        base_size = sum(store.volume_size(c) for c in chain_ids)
-        quota_bytes = 0
-        if limit > 0:
-            quota_bytes = limit - base_size if inclusive else limit
-            if quota_bytes < 0:
-                raise StoreError("disk limit is smaller than volume size")
-
-        with contextlib.ExitStack() as undo:
-            try:
-                os.mkdir(image_dir, 0o755)
-            except FileExistsError:
-                raise StoreError(f"image for id `{image_id}` already exists") from None
-            undo.callback(fsutil.remove_tree, image_dir)
-            project_id = 0
+        with volumes.in_use(store, image.layers, idmap, budget):
+            base_size = sum(store.volume_size(c) for c in chain_ids)
+            quota_bytes = 0
             if limit > 0:
-                project_id = _limit_directory(store, image_id, image_dir, quota_bytes, undo)
-
-            deps = store.dependency_file(image_id)
-            fsutil.write_json(deps, {"layers": chain_ids})
-            undo.callback(_unlink_quietly, deps)
-
-            for sub, mode in (("diff", 0o755), ("workdir", 0o700), ("rootfs", 0o755)):
-                os.mkdir(os.path.join(image_dir, sub), mode)
-            for target in (image_dir, *(os.path.join(image_dir, s) for s in ("diff", "rootfs"))):
-                os.chown(target, idmap.root_uid, idmap.root_gid)
-
-            shorts = [overlay.short_name(c) for c in reversed(chain_ids)]
-            rel_dir = os.path.join("images", image_id)
-            if not options.without_mount:
-                overlay.mount(store.path, rel_dir, shorts)
-                undo.callback(overlay.unmount, os.path.join(image_dir, "rootfs"))
-
-            fsutil.write_json(
-                os.path.join(image_dir, IMAGE_JSON),
-                {
-                    "id": image_id,
-                    "source": url,
-                    "base_size": base_size,
-                    "quota_size_bytes": quota_bytes,
-                    "project_id": project_id,
-                    "mounted": not options.without_mount,
-                    "env": list(image.env),
-                },
+                quota_bytes = limit - base_size if inclusive else limit
+                if quota_bytes < 0:
+                    raise StoreError("disk limit is smaller than volume size")
+            _make_image(
+                store, url, image_id, options, idmap, image.env, chain_ids, base_size, quota_bytes
             )
-            undo.pop_all()
 
     log.info("image created", id=image_id, layers=len(chain_ids), source=url)
+    rel_dir = os.path.join("images", image_id)
+    shorts = [overlay.short_name(c) for c in reversed(chain_ids)]
     spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": {"user": {"uid": 0, "gid": 0}, "env": list(image.env), "cwd": ""},
@@ -131,6 +100,124 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
             }
         ]
     return spec
+
+
+def _make_image(
+    store: Store,
+    url: str,
+    image_id: str,
+    options: CreateOptions,
+    idmap: IdMap,
+    env: Sequence[str],
+    chain_ids: list[str],
+    base_size: int,
+    quota_bytes: int,
+) -> None:
+    """Claim, fill, mount and record the image directory; undo it all on failure."""
+    image_dir = store.image_dir(image_id)
+    limit = options.disk_limit_size_bytes
+    with contextlib.ExitStack() as undo:
+        claim = _claim(store, image_id, image_dir)
+        undo.callback(os.close, claim)
+        undo.callback(fsutil.remove_tree, image_dir)
+        fsutil.crash_point("create-after-claim")
+        project_id = 0
+        if limit > 0:
+            project_id = _limit_directory(store, image_id, image_dir, quota_bytes, undo)
+
+        deps = store.dependency_file(image_id)
+        fsutil.write_json(deps, {"layers": chain_ids})
+        undo.callback(_unlink_quietly, deps)
+
+        for sub, mode in (("diff", 0o755), ("workdir", 0o700), ("rootfs", 0o755)):
+            os.mkdir(os.path.join(image_dir, sub), mode)
+        for target in (image_dir, *(os.path.join(image_dir, s) for s in ("diff", "rootfs"))):
+            os.chown(target, idmap.root_uid, idmap.root_gid)
+
+        if not options.without_mount:
+            mount(store, image_id, chain_ids)
+            undo.callback(overlay.unmount, os.path.join(image_dir, "rootfs"))
+
+        fsutil.crash_point("create-before-image-json")
+        fsutil.write_json(
+            os.path.join(image_dir, IMAGE_JSON),
+            {
+                "id": image_id,
+                "source": url,
+                "base_size": base_size,
+                "quota_size_bytes": quota_bytes,
+                "project_id": project_id,
+                "mounted": not options.without_mount,
+                "env": list(env),
+                "layers": chain_ids,
+            },
+        )
+        undo.pop_all()
+        os.close(claim)
+
+
+def mount(store: Store, image_id: str, chain_ids: Sequence[str]) -> None:
+    shorts = [overlay.short_name(c) for c in reversed(chain_ids)]
+    overlay.mount(store.path, os.path.join("images", image_id), shorts)
+
+
+# A clean can take an image directory for debris in the instant between our
+# mkdir and our flock; then we claim again.
+_CLAIM_ATTEMPTS = 3
+
+
+def _claim(store: Store, image_id: str, image_dir: str) -> int:
+    """mkdir the image directory and hold its flock; return the fd holding it.
+
+    The flock tells clean that the create is alive: a directory without
+    image.json whose lock is free belongs to a create that was killed.
+    """
+    for _ in range(_CLAIM_ATTEMPTS):
+        try:
+            os.mkdir(image_dir, 0o755)
+        except FileExistsError:
+            if _take_over_unfinished(store, image_id):
+                continue
+            raise StoreError(f"image for id `{image_id}` already exists") from None
+        fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            locks.wait(fd, image_dir)
+            if _same_inode(fd, image_dir):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise StoreError(f"claim image `{image_id}`: taken away by clean {_CLAIM_ATTEMPTS} times")
+
+
+def _take_over_unfinished(store: Store, image_id: str) -> bool:
+    """Remove the directory of a killed create of this id; False if it is a real image.
+
+    Garden retries a create whose process died, and that retry must succeed.
+    """
+    image_dir = store.image_dir(image_id)
+    try:
+        fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return not os.path.lexists(image_dir)
+    try:
+        if not locks.try_lock(fd) or os.path.exists(os.path.join(image_dir, IMAGE_JSON)):
+            return False  # complete, or its create is still running
+        log.info("removing unfinished image of a killed create", id=image_id)
+        remove(store, image_id)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _same_inode(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _limit_directory(
@@ -153,11 +240,11 @@ def _limit_directory(
         quota.set_limit(device, project_id, max(quota_bytes, 1))
     except OSError as exc:
         raise StoreError(f"apply disk limit to image `{image_id}`: {exc.strerror}") from None
-    undo.callback(_release_project, store, project_id)
+    undo.callback(release_project, store, project_id)
     return project_id
 
 
-def _release_project(store: Store, project_id: int) -> None:
+def release_project(store: Store, project_id: int) -> None:
     """Drop the project's limit and free its id (its files must be gone)."""
     from grootfs_py import quota
 
@@ -191,26 +278,48 @@ def delete(store: Store, id_or_path: str) -> str | None:
     image_dir = store.image_dir(image_id)
     if not os.path.lexists(image_dir):
         return None
-    project_id = 0
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        project_id = int(fsutil.read_json(os.path.join(image_dir, IMAGE_JSON)).get("project_id", 0))
     with store.lock(shared=True):
-        overlay.unmount(os.path.join(image_dir, "rootfs"))
-        trashed = store.trash(image_dir, f"image-{image_id}")
-        if not trashed:
-            return None  # a concurrent delete took it
-        from grootfs_py import mounts
-
-        left = mounts.under(trashed)
-        if left:
-            # Never remove a tree through a live mount.
-            raise StoreError(f"delete image {image_id}: {left[0]} is still mounted")
-        _unlink_quietly(store.dependency_file(image_id))
-        fsutil.remove_tree(trashed)
-        if project_id:
-            _release_project(store, project_id)
+        try:
+            fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            # A create of this id in progress finishes (or fails and unwinds) first.
+            locks.wait(fd, image_dir)
+            if not _same_inode(fd, image_dir) or not remove(store, image_id):
+                return None  # a concurrent delete (or a failed create) took it
+        finally:
+            os.close(fd)
     log.info("image deleted", id=image_id)
     return image_id
+
+
+def remove(store: Store, image_id: str) -> bool:
+    """Unmount and remove an image, its records and its project; False if it is gone.
+
+    The caller holds the image directory's lock. Also used by clean and
+    check-store for the directories of creates that were killed.
+    """
+    image_dir = store.image_dir(image_id)
+    project_id = 0
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        project_id = int(fsutil.read_json(os.path.join(image_dir, IMAGE_JSON)).get("project_id", 0))
+    overlay.unmount(os.path.join(image_dir, "rootfs"))
+    trashed = store.trash(image_dir, f"image-{image_id}")
+    if not trashed:
+        return False
+    fsutil.crash_point("delete-after-trash")
+    from grootfs_py import mounts
+
+    left = mounts.under(trashed)
+    if left:
+        # Never remove a tree through a live mount.
+        raise StoreError(f"delete image {image_id}: {left[0]} is still mounted")
+    _unlink_quietly(store.dependency_file(image_id))
+    fsutil.remove_tree(trashed)
+    if project_id:
+        release_project(store, project_id)
+    return True
 
 
 def list_paths(store: Store) -> list[str]:

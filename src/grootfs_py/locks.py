@@ -1,4 +1,19 @@
-"""Inter-process locks with flock(2): they vanish with the process holding them."""
+"""Inter-process locks with flock(2): they vanish with the process holding them.
+
+The store's locks, in the order a process may take them (never the reverse):
+
+1. ``locks/clean.lock``: exclusive, non-blocking; at most one clean per store.
+2. ``locks/store.lock``: shared by create, delete and clean for their whole
+   run; exclusive only for check-store, which needs a store at rest.
+3. the image directory itself (``images/<id>``): exclusive, held by the
+   create that claimed it until ``image.json`` is written, and by delete.
+4. ``locks/layer-<hex>.lock``: shared while a create uses the layer (from
+   "it is there" until the image's dependency record is written);
+   exclusive while one create unpacks it and while clean removes it. The
+   exclusive lock is only ever tried, never waited for, and its holder
+   waits for nothing: a create waits for a layer while holding others
+   shared, so this is what keeps two creates from waiting for each other.
+"""
 
 from __future__ import annotations
 
@@ -12,37 +27,76 @@ from grootfs_py import log
 from grootfs_py.errors import StoreError
 
 DEFAULT_TIMEOUT = 300.0
+# Waits longer than this are logged at info, so a loaded store shows its contention.
+LOG_WAIT_SECONDS = 0.05
 
 
-@contextlib.contextmanager
-def flock(path: str, *, shared: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
-    """Hold a shared or exclusive lock on *path* (created if missing) for the block.
+def wait(fd: int, what: str, *, shared: bool = False, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Lock the open file *fd*, waiting at most *timeout* seconds.
 
     Waiting polls with a non-blocking flock and a growing sleep instead of a
     blocking call, so that every wait has a deadline and a killed holder
     never leaves a waiter stuck.
     """
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+    start = time.monotonic()
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, mode)
+            break
+        except BlockingIOError:
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                kind = "shared" if shared else "exclusive"
+                raise StoreError(
+                    f"timed out after {timeout:g}s waiting for {kind} lock {what}"
+                ) from None
+            time.sleep(min(delay, timeout - waited))
+            delay = min(delay * 2, 0.1)
+    waited = time.monotonic() - start
+    if waited > LOG_WAIT_SECONDS:
+        log.info("lock waited", path=what, shared=shared, waited_s=round(waited, 3))
+
+
+def acquire(path: str, *, shared: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Open *path* (created if missing) and lock it; close the returned fd to release."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
-        start = time.monotonic()
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, mode)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                if waited >= timeout:
-                    kind = "shared" if shared else "exclusive"
-                    raise StoreError(
-                        f"timed out after {timeout:g}s waiting for {kind} lock {path}"
-                    ) from None
-                time.sleep(min(delay, timeout - waited))
-                delay = min(delay * 2, 0.1)
-        waited = time.monotonic() - start
-        if waited > 0.01:
-            log.debug("lock acquired", path=path, shared=shared, waited_s=round(waited, 3))
+        wait(fd, path, shared=shared, timeout=timeout)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def try_lock(fd: int, *, shared: bool = False) -> bool:
+    """Lock the open file *fd* unless someone holds it in a conflicting mode."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def try_acquire(path: str, *, shared: bool = False) -> int | None:
+    """Lock *path* if nobody holds it in a conflicting mode; None if someone does."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if try_lock(fd, shared=shared):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+@contextlib.contextmanager
+def flock(path: str, *, shared: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
+    """Hold a shared or exclusive lock on *path* (created if missing) for the block."""
+    fd = acquire(path, shared=shared, timeout=timeout)
+    try:
         yield
     finally:
         os.close(fd)

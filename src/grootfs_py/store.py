@@ -67,6 +67,9 @@ class Store:
     def dependency_file(self, image_id: str) -> str:
         return self.join("meta", "dependencies", f"image:{image_id}.json")
 
+    def layer_lock(self, chain_id: str) -> str:
+        return self.join("locks", f"layer-{volume_name(chain_id)}.lock")
+
     # State -----------------------------------------------------------------
 
     @property
@@ -96,7 +99,7 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, *, shared: bool, timeout: float | None = None) -> Iterator[None]:
-        """The store-wide lock: creates and deletes share it, clean takes it alone."""
+        """The store-wide lock: create, delete and clean share it; check-store takes it alone."""
         kwargs = {} if timeout is None else {"timeout": timeout}
         with flock(self.join("locks", "store.lock"), shared=shared, **kwargs):
             yield

@@ -13,11 +13,12 @@ import contextlib
 import errno
 import io
 import os
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
-from grootfs_py import fsutil, log, overlay
+from grootfs_py import fsutil, locks, log, overlay
 from grootfs_py.digest import VerifyingReader
 from grootfs_py.errors import (
     GrootError,
@@ -78,46 +79,104 @@ class _Budgeted(io.RawIOBase):
         return len(data)
 
 
-def ensure(
+@contextlib.contextmanager
+def in_use(
     store: Store, layers: Sequence[Layer], idmap: IdMap, budget: Budget | None = None
-) -> None:
-    """Make sure every layer is complete in the store, with its short link.
+) -> Iterator[None]:
+    """Make sure every layer is complete in the store, with its short link, and keep it.
 
-    Missing layers are fetched and unpacked concurrently, each into its own
-    volume, at most :data:`MAX_PARALLEL_LAYERS` at a time. Layers already in
-    the store are never opened (for a registry: never requested). If one
-    fails, no new layer starts, the running ones finish or fail (each
-    removes its own incomplete directory), and the first failure in layer
-    order is raised.
+    For the whole block each layer's lock is held shared, so clean cannot
+    remove it: the caller records its dependency on the layers inside the
+    block, and clean looks at dependencies only under the exclusive lock.
+    Missing layers are fetched and unpacked concurrently, each under its
+    exclusive lock (a second create needing it waits, then reuses it; if
+    the first one died, its lock died with it and the second unpacks), at
+    most :data:`MAX_PARALLEL_LAYERS` at a time. Layers already in the store
+    are never opened (for a registry: never requested). If one fails, no
+    new layer starts, the running ones finish or fail (each removes its own
+    incomplete directory), and the first failure in layer order is raised.
     """
-    missing: dict[str, Layer] = {}
-    for layer in layers:
-        if layer.chain_id not in missing and not os.path.isdir(store.volume_dir(layer.chain_id)):
-            missing[layer.chain_id] = layer
-    if len(missing) == 1:
-        _unpack(store, next(iter(missing.values())), idmap, budget)
-    elif missing:
-        _unpack_concurrently(store, list(missing.values()), idmap, budget)
-    for layer in layers:
-        link(store, layer.chain_id)
+    fds: list[int] = []
+    try:
+        missing: dict[str, Layer] = {}
+        for layer in layers:
+            if layer.chain_id in missing:
+                continue
+            fd = locks.acquire(store.layer_lock(layer.chain_id), shared=True)
+            if os.path.isdir(store.volume_dir(layer.chain_id)):
+                fds.append(fd)
+            else:
+                os.close(fd)
+                missing[layer.chain_id] = layer
+        if len(missing) == 1:
+            fds.append(_acquire(store, next(iter(missing.values())), idmap, budget))
+        elif missing:
+            _acquire_concurrently(store, list(missing.values()), idmap, budget, fds)
+        for layer in layers:
+            link(store, layer.chain_id)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
-def _unpack_concurrently(
-    store: Store, layers: list[Layer], idmap: IdMap, budget: Budget | None
+def _acquire(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) -> int:
+    """Unpack the layer unless it is there, and return an fd holding its lock shared.
+
+    Only the shared lock is ever waited for; the exclusive one is only tried.
+    A create holds the shared locks of the layers it has while it gets the
+    others, so waiting for an exclusive lock could wait for a create that
+    waits for us. Who holds the exclusive lock (an unpack, a clean) waits
+    for nothing.
+    """
+    path = store.layer_lock(layer.chain_id)
+    final = store.volume_dir(layer.chain_id)
+    end = time.monotonic() + locks.DEFAULT_TIMEOUT
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise StoreError(
+                f"timed out after {locks.DEFAULT_TIMEOUT:g}s waiting for layer {layer.chain_id}"
+            )
+        fd = locks.acquire(path, shared=True, timeout=left)  # waits out an unpack or a clean
+        if os.path.isdir(final):
+            return fd
+        os.close(fd)
+        unpacker = locks.try_acquire(path)
+        if unpacker is None:
+            time.sleep(0.01)  # another create got there first, or is only looking
+            continue
+        try:
+            if not os.path.isdir(final):
+                _unpack(store, layer, idmap, budget)
+        finally:
+            os.close(unpacker)
+
+
+def _acquire_concurrently(
+    store: Store, layers: list[Layer], idmap: IdMap, budget: Budget | None, fds: list[int]
 ) -> None:
+    """:func:`_acquire` every layer in threads; the fds of those that succeed go to *fds*."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     workers = min(MAX_PARALLEL_LAYERS, len(layers))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
-        futures = [pool.submit(_unpack, store, layer, idmap, budget) for layer in layers]
+        futures = [pool.submit(_acquire, store, layer, idmap, budget) for layer in layers]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
             for future in futures:
                 future.cancel()
         wait(futures)
+    errors = []
     for future in futures:
-        if not future.cancelled() and (error := future.exception()) is not None:
-            raise error
+        if future.cancelled():
+            continue
+        if (error := future.exception()) is not None:
+            errors.append(error)
+        else:
+            fds.append(future.result())
+    if errors:
+        raise errors[0]
 
 
 def link(store: Store, chain_id: str) -> str:
@@ -207,6 +266,7 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
             linux.syncfs(fd)
         finally:
             os.close(fd)
+        fsutil.crash_point("create-before-layer-rename")
         try:
             os.rename(tmp, final)
         except OSError as exc:
@@ -220,21 +280,30 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
     log.info("layer ready", layer=layer.label, size=result.size_bytes)
 
 
-def remove(store: Store, chain_id: str) -> None:
-    """Remove a layer in two phases: rename aside, then delete at leisure."""
+def remove(store: Store, chain_id: str) -> str:
+    """First phase of removing a layer (its lock held exclusively): take it out of use.
+
+    The volume is renamed aside first, atomically: from then on the layer is
+    simply missing (a create unpacks it again); the link and size record left
+    behind by a kill are debris that clean and check-store recognise. Returns
+    the path to delete at leisure (without the lock), or "".
+    """
+    trashed = store.trash(store.volume_dir(chain_id), f"volume-{volume_name(chain_id)}")
+    fsutil.crash_point("clean-after-layer-trash")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(store.join(overlay.LINKS_DIR, overlay.short_name(chain_id)))
-    trashed = store.trash(store.volume_dir(chain_id), f"volume-{volume_name(chain_id)}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(store.volume_meta(chain_id))
-    if trashed:
-        fsutil.remove_tree(trashed)
+    return trashed
 
 
 def regenerate_sizes(store: Store) -> None:
     """Rebuild every complete layer's size record from what is on disk."""
     store.require_initialized()
     for chain_id in store.complete_volumes():
-        size = fsutil.content_size(store.volume_dir(chain_id))
-        fsutil.write_json(store.volume_meta(chain_id), {"size": size})
+        with locks.flock(store.layer_lock(chain_id), shared=True):
+            if not os.path.isdir(store.volume_dir(chain_id)):
+                continue  # removed by a clean meanwhile
+            size = fsutil.content_size(store.volume_dir(chain_id))
+            fsutil.write_json(store.volume_meta(chain_id), {"size": size})
         log.info("layer size recorded", chain_id=chain_id, size=size)
