@@ -252,7 +252,15 @@ def test_kill_at_random_moments_then_rerun_succeeds_and_store_is_consistent(
         proc.kill()
         finished = proc.wait() == 0  # it may have finished before the kill
         if not (kind == "create" and finished):
-            grootfs(*command, store=dir_store)
+            rerun = grootfs(*command, store=dir_store, check=False)
+            completed = os.path.exists(os.path.join(dir_store, "images", f"r{n}", "image.json"))
+            if kind == "create" and rerun.returncode == 1:
+                # Killed after writing image.json, before exiting: the image is
+                # whole, and a second create of the id is rightly refused.
+                assert rerun.stdout == f"image for id `r{n}` already exists\n"
+                assert completed
+            else:
+                assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         if kind == "create":
             with open(os.path.join(dir_store, "images", f"r{n}", "rootfs", "top"), "rb") as fh:
                 assert fh.read() == b"top"
