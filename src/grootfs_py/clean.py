@@ -193,10 +193,7 @@ def _release_orphan_projects(store: Store) -> None:
     for project_id in orphans:
         if os.path.lexists(store.image_dir(owners[project_id])):
             continue
-        if device is not None:
-            with contextlib.suppress(OSError):
-                quota.set_limit(device, project_id, 0)
-        ids.free(project_id)
+        quota.release(device, ids, project_id)
         log.info("freed orphan project id", project_id=project_id)
 
 

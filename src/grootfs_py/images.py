@@ -248,9 +248,11 @@ def release_project(store: Store, project_id: int) -> None:
     """Drop the project's limit and free its id (its files must be gone)."""
     from grootfs_py import quota
 
-    with contextlib.suppress(OSError, StoreError):
-        quota.set_limit(quota.device_of(store.path), project_id, 0)
-    quota.ProjectIds(store.join("projectids")).free(project_id)
+    try:
+        device: str | None = quota.device_of(store.path)
+    except StoreError:
+        device = None
+    quota.release(device, quota.ProjectIds(store.join("projectids")), project_id)
 
 
 def _unlink_quietly(path: str) -> None:

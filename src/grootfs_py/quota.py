@@ -179,6 +179,18 @@ class ProjectIds:
         return found
 
 
+def release(device: str | None, ids: ProjectIds, project_id: int) -> None:
+    """Drop a project's limit (on a store with quotas) and free its id.
+
+    The project's files must already be gone; a limit that cannot be
+    cleared is left for the next owner of the id to overwrite.
+    """
+    if device is not None:
+        with contextlib.suppress(OSError):
+            set_limit(device, project_id, 0)
+    ids.free(project_id)
+
+
 def device_of(store_path: str) -> str:
     """The block device holding the store, for quotactl."""
     from grootfs_py import mounts

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, BinaryIO, NamedTuple
 
 from grootfs_py import compression
 from grootfs_py.digest import check_digest
 from grootfs_py.errors import ImageSourceError
+from grootfs_py.sources import Image, Layer, chain_ids
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -167,3 +169,38 @@ def select_platform(doc: dict[str, Any]) -> Descriptor:
         f"no image for platform {want_os}/{want_arch}: the index offers "
         + (", ".join(offered) or "nothing")
     )
+
+
+def image(
+    manifest: Manifest,
+    config: ImageConfig,
+    open_blob: Callable[[Descriptor], BinaryIO],
+    *,
+    verify: bool = True,
+) -> Image:
+    """The image a manifest and its config describe, layers bottom to top.
+
+    Without *verify* (``--skip-layer-validation``) the layers carry no
+    digest, size or diff_id to check; their published size is kept for
+    the disk-limit check either way.
+    """
+    chains = chain_ids(list(config.diff_ids))
+    layers = []
+    for desc, diff_id, chain_id in zip(manifest.layers, config.diff_ids, chains, strict=True):
+
+        def opener(desc: Descriptor = desc) -> BinaryIO:
+            return open_blob(desc)
+
+        layers.append(
+            Layer(
+                chain_id=chain_id,
+                media_type=desc.media_type,
+                compression=LAYER_COMPRESSION[desc.media_type],
+                open=opener,
+                digest=desc.digest if verify else None,
+                size=desc.size if verify else None,
+                diff_id=diff_id if verify else None,
+                blob_size=desc.size,
+            )
+        )
+    return Image(layers=tuple(layers), env=config.env)

@@ -9,7 +9,7 @@ from typing import Any, BinaryIO
 
 from grootfs_py.digest import check_digest
 from grootfs_py.errors import ImageSourceError, InvalidArgumentError
-from grootfs_py.sources import Image, Layer, chain_ids
+from grootfs_py.sources import Image
 from grootfs_py.sources import manifest as m
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -44,6 +44,12 @@ class Layout:
         if len(data) != desc.size or hashlib.new(algorithm, data).hexdigest() != expected:
             raise ImageSourceError(f"{what} {desc.digest}: digest or size mismatch")
         return m.load_json(data, what)
+
+    def open_blob(self, desc: m.Descriptor) -> BinaryIO:
+        try:
+            return open(self.blob_path(desc.digest), "rb")
+        except OSError as exc:
+            raise ImageSourceError(f"read layer {desc.digest}: {exc.strerror}") from None
 
     def index(self) -> dict[str, Any]:
         data = self._read(os.path.join(self.path, "index.json"), m.MAX_JSON_BYTES, "index.json")
@@ -89,29 +95,4 @@ def load(url: str, *, skip_layer_validation: bool = False) -> Image:
     config = m.parse_config(
         layout.read_json_blob(manifest.config, "image config"), len(manifest.layers)
     )
-    chains = chain_ids(list(config.diff_ids))
-
-    layers = []
-    for layer_desc, diff_id, chain_id in zip(manifest.layers, config.diff_ids, chains, strict=True):
-        blob = layout.blob_path(layer_desc.digest)
-
-        def opener(blob: str = blob, digest: str = layer_desc.digest) -> BinaryIO:
-            try:
-                return open(blob, "rb")
-            except OSError as exc:
-                raise ImageSourceError(f"read layer {digest}: {exc.strerror}") from None
-
-        check = not skip_layer_validation
-        layers.append(
-            Layer(
-                chain_id=chain_id,
-                media_type=layer_desc.media_type,
-                compression=m.LAYER_COMPRESSION[layer_desc.media_type],
-                open=opener,
-                digest=layer_desc.digest if check else None,
-                size=layer_desc.size if check else None,
-                diff_id=diff_id if check else None,
-                blob_size=layer_desc.size,
-            )
-        )
-    return Image(layers=tuple(layers), env=config.env)
+    return m.image(manifest, config, layout.open_blob, verify=not skip_layer_validation)

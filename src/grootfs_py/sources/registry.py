@@ -42,9 +42,8 @@ from urllib.parse import urlencode, urlsplit
 import requests
 
 from grootfs_py import log
-from grootfs_py.digest import check_digest
 from grootfs_py.errors import ImageSourceError
-from grootfs_py.sources import Image, Layer, SourceOptions, chain_ids
+from grootfs_py.sources import Image, SourceOptions
 from grootfs_py.sources import manifest as m
 from grootfs_py.sources.reference import Reference, parse
 
@@ -543,23 +542,4 @@ def load(url: str, options: SourceOptions) -> Image:
         doc, media_type = client.manifest(desc.digest, desc.digest)
     manifest = m.parse_manifest(doc, media_type)
     config = m.parse_config(client.config(manifest.config, options.cache_dir), len(manifest.layers))
-    chains = chain_ids(list(config.diff_ids))
-    layers = []
-    for desc, diff_id, chain_id in zip(manifest.layers, config.diff_ids, chains, strict=True):
-
-        def opener(desc: m.Descriptor = desc) -> BinaryIO:
-            return client.open_blob(desc)
-
-        layers.append(
-            Layer(
-                chain_id=chain_id,
-                media_type=desc.media_type,
-                compression=m.LAYER_COMPRESSION[desc.media_type],
-                open=opener,
-                digest=check_digest(desc.digest),
-                size=desc.size,
-                diff_id=diff_id,
-                blob_size=desc.size,
-            )
-        )
-    return Image(layers=tuple(layers), env=config.env)
+    return m.image(manifest, config, client.open_blob)
