@@ -9,6 +9,7 @@
   the registry verifies against the test certificate.
 - :class:`FaultProxy`: an HTTP proxy in front of a registry that can refuse,
   fail (5xx), stall, or reset a blob download half-way, and counts requests.
+- :class:`ForwardProxy`: an egress proxy (absolute-form GETs, CONNECT tunnels).
 - :func:`make_ca`, :func:`make_cert`: throw-away certificates with ``openssl``.
 - :func:`push`: ``skopeo copy`` of an OCI layout into a registry.
 
@@ -24,6 +25,7 @@ import http.server
 import json
 import os
 import re
+import selectors
 import socket
 import subprocess
 import threading
@@ -340,8 +342,10 @@ class Faults:
     corrupt_blobs: int = 0  # blob GETs with one byte changed (length kept)
     ignore_range: bool = False  # answer Range requests with the whole blob (200)
     min_blob_bytes: int = 4096  # blobs smaller than this (image configs) are left alone
+    redirect_blobs_to: str = ""  # host:port: answer blob GETs 307 to the same path there
     max_inflight_blobs: int = 0  # most blob GETs in progress at one time
     seen: list[str] = field(default_factory=list)  # "METHOD path Range" of every request
+    authorized: list[str] = field(default_factory=list)  # paths asked with an Authorization
 
 
 class FaultProxy:
@@ -412,6 +416,14 @@ class FaultProxy:
 
     def _forward(self, req: http.server.BaseHTTPRequestHandler, is_blob: bool) -> None:
         self.faults.seen.append(f"{req.command} {req.path} {req.headers.get('Range', '')}".strip())
+        if req.headers.get("Authorization"):
+            self.faults.authorized.append(req.path)
+        if is_blob and self.faults.redirect_blobs_to:
+            req.send_response(307)
+            req.send_header("Location", f"http://{self.faults.redirect_blobs_to}{req.path}")
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
         if self._take("status_count"):
             body = b'{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}'
             req.send_response(self.faults.refuse_status)
@@ -464,11 +476,92 @@ class FaultProxy:
         if is_blob and self._take("trickle_blobs"):
             step = max(1, len(body) // 20)
             for i in range(0, len(body), step):
+                if i:
+                    # Between pieces only: a sleep after the last would count a finished
+                    # download as in flight while the client already opened the next.
+                    time.sleep(0.05)
                 req.wfile.write(body[i : i + step])
                 req.wfile.flush()
-                time.sleep(0.05)
             return
         req.wfile.write(body)
+
+
+class ForwardProxy:
+    """An egress proxy on 127.0.0.1: absolute-form GETs and CONNECT tunnels, as a cell's.
+
+    It records each request's first line, so a test can tell it was used.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy._get(self)
+
+            def do_CONNECT(self) -> None:
+                proxy._connect(self)
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.host = f"127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def start(self) -> ForwardProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _get(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        self.seen.append(f"GET {req.path}")
+        url = urllib.parse.urlsplit(req.path)
+        if url.scheme != "http":
+            req.send_error(400, "absolute http URL expected")
+            return
+        headers = {k: v for k, v in req.headers.items() if k.lower() != "connection"}
+        conn = http.client.HTTPConnection(url.netloc, timeout=30)
+        try:
+            conn.request("GET", url.path + (f"?{url.query}" if url.query else ""), headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        req.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                req.send_header(key, value)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    def _connect(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        self.seen.append(f"CONNECT {req.path}")
+        host, _, port = req.path.rpartition(":")
+        upstream = socket.create_connection((host, int(port)), timeout=30)
+        req.send_response(200, "Connection established")
+        req.end_headers()
+        req.close_connection = True
+        client = req.connection
+        with upstream:
+            pair = {client: upstream, upstream: client}
+            with selectors.DefaultSelector() as sel:
+                for sock in pair:
+                    sel.register(sock, selectors.EVENT_READ)
+                while True:
+                    for key, _ in sel.select(timeout=30):
+                        data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+                        if not data:
+                            return
+                        pair[key.fileobj].sendall(data)  # type: ignore[index]
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import registry as r
 from registry import PASSWORD, USER
 
 INSECURE = (
@@ -224,6 +225,43 @@ def test_registry_asking_for_a_client_certificate_gets_one_from_the_config(
     assert json.loads(result.stdout)["process"]["env"][1] == "GREETING=from-the-registry"
 
 
+def test_blob_redirect_is_followed_without_the_registry_credentials(
+    grootfs, dir_store, htpasswd_registry, open_registry
+):
+    # Docker Hub answers blob GETs with a redirect to a CDN; the credentials are the
+    # registry's and must not go along. The "CDN" here is the open registry.
+    front, cdn = r.FaultProxy(htpasswd_registry.host), r.FaultProxy(open_registry.host)
+    with r.running(front, cdn):
+        front.reset(redirect_blobs_to=cdn.host)
+        flags = ("--insecure-registry", front.host, "--username", USER, "--password", PASSWORD)
+        spec = _create(grootfs, dir_store, f"docker://{front.host}/busybox", "c", *flags)
+    assert spec["process"]["env"][1] == "GREETING=from-the-registry"
+    assert "/v2/busybox/manifests/latest" in front.faults.authorized
+    assert cdn.blob_requests()  # the config and the layer came from the redirect target
+    assert cdn.faults.authorized == []
+
+
+def test_egress_proxy_from_the_environment_carries_http_and_tls(
+    grootfs, dir_store, open_registry, tls_registry, monkeypatch
+):
+    tls_host, http_host = tls_registry.registry.host, open_registry.host
+    with r.running(egress := r.ForwardProxy()):
+        monkeypatch.setenv("https_proxy", egress.host)
+        monkeypatch.setenv("HTTP_PROXY", f"http://{egress.host}")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca.cert))
+        spec = _create(grootfs, dir_store, f"docker://{tls_host}/busybox", "tls")
+        assert spec["process"]["env"][1] == "GREETING=from-the-registry"
+        assert f"CONNECT {tls_host}" in egress.seen  # TLS to the registry, through a tunnel
+        insecure = ("--insecure-registry", http_host)
+        _create(grootfs, dir_store, f"docker://{http_host}/busybox", "http", *insecure)
+        assert f"GET http://{http_host}/v2/busybox/manifests/latest" in egress.seen
+
+        egress.seen.clear()
+        monkeypatch.setenv("no_proxy", "registry.example.com, 127.0.0.1")
+        _create(grootfs, dir_store, f"docker://{http_host}/busybox", "direct", *insecure)
+        assert egress.seen == []
+
+
 def test_warm_create_of_a_local_image_loads_no_http_code(
     grootfs, dir_store, open_registry, pushed, monkeypatch
 ):
@@ -239,6 +277,6 @@ def test_warm_create_of_a_local_image_loads_no_http_code(
     def imported(stderr):
         return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if "|" in line}
 
-    http_modules = {"requests", "urllib3", "http.client", "ssl", "grootfs_py.sources.registry"}
+    http_modules = {"http.client", "ssl", "grootfs_py.sources.registry"}
     assert http_modules <= imported(docker)  # the check sees them when they are there
     assert not http_modules & imported(oci)

@@ -15,7 +15,7 @@ TLS: verified against the system CAs (OpenSSL's default paths, so
 ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` apply) unless the registry is listed as
 insecure, which allows unverified TLS and then plain HTTP. Client
 certificates come from ``<certs>/<host:port>/*.cert`` + ``.key`` (the Docker
-``certs.d`` convention).
+``certs.d`` convention). The HTTP itself is :mod:`.transport`'s.
 
 Faults: every request has a timeout per socket operation and is retried
 with backoff on connection errors, timeouts and 5xx; a blob cut off
@@ -30,22 +30,20 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import os
-import random
 import re
-import ssl
 import threading
 import time
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlencode, urlsplit
-
-import requests
 
 from grootfs_py import log
 from grootfs_py.errors import ImageSourceError
 from grootfs_py.sources import Image, SourceOptions
 from grootfs_py.sources import manifest as m
 from grootfs_py.sources.reference import Reference, parse
+from grootfs_py.sources.transport import Response, TLSError, Transport, TransportError
 
 INSECURE_MESSAGE = (
     "This registry is insecure. To pull images from this registry, "
@@ -76,35 +74,6 @@ def _timeout() -> float:
     except ValueError:
         return DEFAULT_TIMEOUT
     return value if value > 0 else DEFAULT_TIMEOUT
-
-
-def _reason(exc: BaseException) -> str:
-    """A short cause for an exception from requests/urllib3, without URLs or headers."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(current, ConnectionResetError):
-            return "connection reset"
-        if isinstance(current, TimeoutError | requests.Timeout):
-            return "timed out"
-        if isinstance(current, OSError) and current.strerror:
-            return current.strerror.lower()
-        nested = [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
-        reason = getattr(current, "reason", None)
-        if isinstance(reason, BaseException):
-            nested.insert(0, reason)
-        current = nested[0] if nested else (current.__cause__ or current.__context__)
-    text = str(exc)
-    if "Read timed out" in text or "timed out" in text:
-        return "timed out"
-    if "Connection refused" in text:
-        return "connection refused"
-    if "reset" in text.lower():
-        return "connection reset"
-    return type(exc).__name__
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -140,16 +109,6 @@ def _client_cert(certs_path: str, registry: str) -> tuple[str, str] | None:
     return None
 
 
-def _system_cas() -> str | bool:
-    """What OpenSSL would trust by default (requests alone would use certifi's bundle)."""
-    paths = ssl.get_default_verify_paths()
-    if paths.cafile:
-        return paths.cafile
-    if paths.capath:
-        return paths.capath
-    return True
-
-
 class Client:
     """One registry and repository, shared by the threads that fetch its layers."""
 
@@ -157,29 +116,25 @@ class Client:
         self.ref = ref
         self.insecure = _matches(ref.registry, options.insecure_registries)
         self.scheme = "https"
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = USER_AGENT
-        # Given with every request: requests lets a Session's verify=False be
-        # overridden by what it finds in the environment.
-        self.verify: str | bool = False if self.insecure else _system_cas()
         self.cert = _client_cert(options.client_certificates_path, ref.registry)
-        if self.insecure:
-            import urllib3
-
-            # The operator asked for this registry to be unverified; no warning per request.
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        self.transport = Transport(
+            verify=not self.insecure,
+            client_cert=self.cert,
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=_timeout(),
+            user_agent=USER_AGENT,
+        )
         self._username = options.username
         self._password = options.password
         self._authorization: str | None = None
         self._auth_lock = threading.Lock()
-        self.timeout = (CONNECT_TIMEOUT, _timeout())
 
     # -- requests, retries, auth -------------------------------------------------------
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://{self.ref.registry}/v2/{self.ref.repository}/{path}"
 
-    def get(self, path: str, what: str, headers: dict[str, str] | None = None) -> requests.Response:
+    def get(self, path: str, what: str, headers: dict[str, str] | None = None) -> Response:
         """GET with retries and auth; the response is streamed and has a 2xx status."""
         delay = BACKOFF_SECONDS
         authorized_again = False
@@ -187,7 +142,7 @@ class Client:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 response = self._send(path, headers or {})
-                if response.status_code == 401 and not authorized_again:
+                if response.status == 401 and not authorized_again:
                     # No token yet, or it expired: answer the challenge once and repeat.
                     authorized_again = True
                     self._authorize(response)
@@ -196,7 +151,7 @@ class Client:
             except _Retry as exc:
                 last = str(exc)
             else:
-                status = response.status_code
+                status = response.status
                 if 200 <= status < 300:
                     return response
                 if status not in RETRY_STATUSES:
@@ -211,6 +166,8 @@ class Client:
                     reason=last,
                     attempt=attempt,
                 )
+                import random  # only on this slow path
+
                 time.sleep(delay * (1 + random.random() / 4))
                 delay *= 2
         raise ImageSourceError(
@@ -218,28 +175,21 @@ class Client:
             f"(tried {ATTEMPTS} times)"
         )
 
-    def _send(self, path: str, headers: dict[str, str]) -> requests.Response:
+    def _send(self, path: str, headers: dict[str, str]) -> Response:
         url = path if "://" in path else self.url(path)
         if self._authorization:
             headers = {**headers, "Authorization": self._authorization}
         try:
-            return self.session.get(
-                url,
-                headers=headers,
-                stream=True,
-                timeout=self.timeout,
-                verify=self.verify,
-                cert=self.cert,
-            )
-        except requests.exceptions.SSLError as exc:
+            return self.transport.get(url, headers)
+        except TLSError as exc:
             if self.insecure and self.scheme == "https" and "://" not in path:
                 # Listed as insecure: a registry without TLS is allowed to speak HTTP.
                 log.info("registry has no TLS, using plain HTTP", registry=self.ref.registry)
                 self.scheme = "http"
                 return self._send(path, headers)
             raise self._tls_error(exc) from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retry(_reason(exc)) from None
+        except TransportError as exc:
+            raise _Retry(str(exc)) from None
 
     def _tls_error(self, exc: BaseException) -> ImageSourceError:
         text = str(exc)
@@ -257,7 +207,7 @@ class Client:
             why = match.group(1).lower().replace("_", " ") if match else "handshake failed"
         return ImageSourceError(f"pull {self.ref}: registry {self.ref.registry}: TLS: {why}")
 
-    def _authorize(self, response: requests.Response) -> None:
+    def _authorize(self, response: Response) -> None:
         scheme, params = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         with self._auth_lock:
             if scheme == "basic":
@@ -280,29 +230,28 @@ class Client:
         query = {"scope": params.get("scope") or f"repository:{self.ref.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]
-        auth = (self._username, self._password) if self._username else None
+        headers = {}
+        if self._username:
+            pair = f"{self._username}:{self._password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         sep = "&" if "?" in realm else "?"
         last = ""
         delay = BACKOFF_SECONDS
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                response = self.session.get(
-                    realm + sep + urlencode(query),
-                    auth=auth,
-                    timeout=self.timeout,
-                    verify=self.verify,
-                    cert=self.cert,
-                )
-            except requests.exceptions.SSLError as exc:
+                with self.transport.get(realm + sep + urlencode(query), headers) as response:
+                    status = response.status
+                    body = response.read_all(m.MAX_JSON_BYTES) if response.ok else b""
+            except TLSError as exc:
                 raise self._tls_error(exc) from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last = _reason(exc)
+            except TransportError as exc:
+                last = str(exc)
             else:
-                if response.status_code in (401, 403):
+                if status in (401, 403):
                     raise self._auth_required()
-                if response.ok:
+                if 200 <= status < 300:
                     try:
-                        doc = response.json()
+                        doc = json.loads(body)
                         token = doc.get("token") or doc.get("access_token")
                     except (ValueError, AttributeError):
                         token = None
@@ -312,8 +261,8 @@ class Client:
                             "answered without a token"
                         )
                     return token
-                last = f"HTTP {response.status_code}"
-                if response.status_code not in RETRY_STATUSES:
+                last = f"HTTP {status}"
+                if status not in RETRY_STATUSES:
                     break
             if attempt < ATTEMPTS:
                 time.sleep(delay)
@@ -328,12 +277,12 @@ class Client:
             f"for {self.ref.repository} (use --username and --password)"
         )
 
-    def _fail(self, response: requests.Response, what: str) -> None:
-        status = response.status_code
+    def _fail(self, response: Response, what: str) -> None:
+        status = response.status
         detail = ""
         code = ""
         try:
-            body = response.raw.read(64 << 10, decode_content=True)
+            body = response.read_all(64 << 10)
             errors = m.load_json(body, "error").get("errors")
             if isinstance(errors, list) and errors and isinstance(errors[0], dict):
                 code = str(errors[0].get("code", ""))
@@ -366,9 +315,9 @@ class Client:
             response = self.get(path, what, headers)
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
             try:
-                data = response.raw.read(m.MAX_JSON_BYTES + 1, decode_content=True)
-            except Exception as exc:
-                reason = _reason(exc)
+                data = response.read_all(m.MAX_JSON_BYTES)
+            except TransportError as exc:
+                reason = str(exc)
                 if attempt == ATTEMPTS:
                     raise ImageSourceError(
                         f"pull {self.ref}: registry {self.ref.registry}: read {what}: "
@@ -448,7 +397,7 @@ class _BlobReader(io.RawIOBase):
         self._desc = desc
         self._offset = 0
         self._failures = 0
-        self._response: requests.Response | None = None
+        self._response: Response | None = None
         self._eof = False  # opened by the first read, where failures are retried
 
     def readable(self) -> bool:
@@ -458,7 +407,7 @@ class _BlobReader(io.RawIOBase):
         headers = {"Range": f"bytes={self._offset}-"} if self._offset else {}
         what = f"layer {self._desc.digest}"
         response = self._client.get(f"blobs/{self._desc.digest}", what, headers)
-        if self._offset and response.status_code == 206:
+        if self._offset and response.status == 206:
             start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
             if not start or int(start.group(1)) != self._offset:
                 response.close()
@@ -467,7 +416,11 @@ class _BlobReader(io.RawIOBase):
             # The registry ignored Range: read the blob again and skip what we already had.
             skip = self._offset
             while skip:
-                data = response.raw.read(min(skip, CHUNK))
+                try:
+                    data = response.read1(min(skip, CHUNK))
+                except TransportError:
+                    response.close()
+                    raise
                 if not data:
                     response.close()
                     raise _Retry("blob ended early")
@@ -484,17 +437,15 @@ class _BlobReader(io.RawIOBase):
                     self._open()
                 assert self._response is not None
                 # read1: what one receive gave, so a reset loses nothing already here.
-                data: bytes = self._response.raw.read1(want)
-            except ImageSourceError:
-                raise
-            except Exception as exc:
-                self._interrupted(_reason(exc) if not isinstance(exc, _Retry) else str(exc))
+                data = self._response.read1(want)
+            except (_Retry, TransportError) as exc:
+                self._interrupted(str(exc))
                 continue
             if data:
                 self._offset += len(data)
                 return data
-            # A clean end (urllib3 raises if Content-Length was not reached): a blob
-            # shorter than the manifest says is the verifying reader's to report.
+            # A clean end (a body cut short of its Content-Length raised above): a
+            # blob shorter than the manifest says is the verifying reader's to report.
             break
         self._eof = True
         self._close_response()
