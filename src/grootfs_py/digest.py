@@ -58,6 +58,7 @@ class VerifyingReader(io.RawIOBase):
         algorithm = digest.partition(":")[0] if digest else "sha256"
         self._hash = hashlib.new(algorithm)
         self.count = 0
+        self._eof = False
 
     def readable(self) -> bool:
         return True
@@ -67,6 +68,8 @@ class VerifyingReader(io.RawIOBase):
             data = self._inner.read(len(view))
             n = len(data)
             view[:n] = data
+        if not n and len(buffer):
+            self._eof = True
         if n:
             self._hash.update(data)
             self.count += n
@@ -77,6 +80,8 @@ class VerifyingReader(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         # Hand the inner stream's bytes object on without an extra copy.
         data = self._inner.read(size if size is not None and size >= 0 else -1)
+        if not data and size != 0:
+            self._eof = True
         if data:
             self._hash.update(data)
             self.count += len(data)
@@ -88,8 +93,8 @@ class VerifyingReader(io.RawIOBase):
         return self._hash.hexdigest()
 
     def finish(self) -> None:
-        """Drain the stream and check size and digest."""
-        while self.read(1 << 20):
+        """Drain the stream (unless it already ended) and check size and digest."""
+        while not self._eof and self.read(1 << 20):
             pass
         if self._size is not None and self.count != self._size:
             raise VerificationError(self._size_message)

@@ -193,7 +193,8 @@ def link(store: Store, chain_id: str) -> str:
     return short
 
 
-def _open_verified(layer: Layer) -> tuple[VerifyingReader, VerifyingReader]:
+def _open_verified(layer: Layer) -> tuple[VerifyingReader, BinaryIO | None, VerifyingReader]:
+    """The layer's checked compressed bytes, the decompressor if any, its checked output."""
     from grootfs_py import compression
 
     raw = layer.open()
@@ -207,7 +208,8 @@ def _open_verified(layer: Layer) -> tuple[VerifyingReader, VerifyingReader]:
     uncompressed = VerifyingReader(
         stream, digest=layer.diff_id, digest_message="diffID digest mismatch"
     )
-    return compressed, uncompressed
+    decompressor = None if layer.compression == compression.NONE else stream
+    return compressed, decompressor, uncompressed
 
 
 def _blame_the_blob(compressed: VerifyingReader, error: BaseException) -> None:
@@ -237,15 +239,20 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
     log.info("unpacking layer", layer=layer.label, chain_id=layer.chain_id)
     try:
         os.chown(tmp, idmap.root_uid, idmap.root_gid)
-        compressed, uncompressed = _open_verified(layer)
+        compressed, decompressor, uncompressed = _open_verified(layer)
         with contextlib.closing(compressed._inner):
             try:
-                stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
-                result = unpack_layer(cast(BinaryIO, stream), tmp, idmap, layer=layer.label)
+                try:
+                    stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
+                    result = unpack_layer(cast(BinaryIO, stream), tmp, idmap, layer=layer.label)
+                    while uncompressed.read(1 << 20):
+                        pass
+                finally:
+                    if decompressor is not None:
+                        # Joins the inflating thread: nothing else reads the blob before.
+                        decompressor.close()
                 # Compressed bytes first: a corrupt blob is a layerID mismatch even
                 # when it still decompresses (to the wrong tar).
-                while uncompressed.read(1 << 20):
-                    pass
                 compressed.finish()
                 uncompressed.finish()
             except VerificationError:
