@@ -6,7 +6,10 @@ runs of:
 - cold create (empty store): grootfs vs ``skopeo copy`` + ``umoci unpack``
   vs ``podman pull`` + ``podman create`` + ``podman mount``;
 - warm create (layers cached): grootfs vs ``podman create`` + ``mount``;
-- peak RSS of grootfs's cold create.
+- peak RSS of grootfs's cold create;
+- the interpreter's own floor: ``python3 -I -S`` importing only what any
+  Python implementation of a warm create needs (json for the manifest and
+  the output, socket for the manifest request, ctypes for mount(2)).
 
 The registry is Debian's docker-registry on 127.0.0.1 (tests/registry.py),
 plain HTTP, so every tool is told it is insecure. grootfs and the peers each
@@ -183,6 +186,17 @@ def bench_image(name: str, host: str, work: Path, peers: Path, reps: int) -> lis
     ]
 
 
+def floor(reps: int) -> list[tuple[str, str]]:
+    """What CPython costs before a warm create does any work of its own."""
+    bare = [timed([sys.executable, "-I", "-S", "-c", "pass"]) for _ in range(reps)]
+    needed = "import json, socket, ctypes"
+    least = [timed([sys.executable, "-I", "-S", "-c", needed]) for _ in range(reps)]
+    return [
+        ("interpreter floor: python3 -I -S -c pass", f"{median(bare) * 1000:9.1f} ms"),
+        (f"    python3 -I -S -c '{needed}'", f"{median(least) * 1000:9.1f} ms"),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--repetitions", type=int, default=5)
@@ -197,6 +211,11 @@ def main() -> int:
     store = work / "store"
     grootfs = [str(BIN / "grootfs"), "--store", str(store), "--log-file", str(work / "log")]
     rows: list[tuple[str, str]] = []
+    # An installed package carries its bytecode; with PYTHONDONTWRITEBYTECODE set
+    # (as on this machine) an editable checkout would be compiled on every run.
+    run(
+        [sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1] / "src")]
+    )
     try:
         run([*grootfs, "init-store", "--store-size-bytes", str(STORE_SIZE)])
         with (
@@ -208,6 +227,7 @@ def main() -> int:
             try:
                 rows += bench_image("debian:bookworm", registry.host, work, peers, reps)
                 rows += bench_image("debian5:bookworm", registry.host, work, peers, reps)
+                rows += floor(reps)
             finally:
                 # podman keeps its storage mounted; the loop device must come free.
                 subprocess.run(
