@@ -44,7 +44,8 @@ describe 'the grootfs job' do
       keys = %w[store log_level log_file metrics_endpoint newuidmap_bin newgidmap_bin create clean init]
       nested = {
         'create' => %w[with_clean without_mount disk_limit_size_bytes exclude_image_from_quota
-                       skip_layer_validation insecure_registries clean_log_file],
+                       skip_layer_validation insecure_registries clean_log_file
+                       remote_layer_client_certificates_path],
         'clean' => %w[threshold_bytes], 'init' => %w[store_size_bytes with_direct_io]
       }
       %w[config/grootfs_config.yml.erb config/privileged_grootfs_config.yml.erb].each do |t|
@@ -104,6 +105,18 @@ describe 'the grootfs job' do
   end
 
   describe 'config/tls' do
+    it 'is where both stores look for registry certificates once a grootfs.tls property is set' do
+      %w[config/grootfs_config.yml.erb config/privileged_grootfs_config.yml.erb].each do |t|
+        refute config(t)['create'].key?('remote_layer_client_certificates_path'), t
+        c = config(t, 'grootfs' => { 'tls' => { 'ca_cert' => cert } })
+        assert_equal '/var/vcap/jobs/grootfs/config/tls', c['create']['remote_layer_client_certificates_path'], t
+        c = config(t, 'grootfs' => { 'tls' => { 'cert' => cert, 'key' => key } })
+        assert_equal '/var/vcap/jobs/grootfs/config/tls', c['create']['remote_layer_client_certificates_path'], t
+      end
+      assert_equal %w[ca.crt client.cert client.key],
+                   job.spec['templates'].values.grep(%r{^config/tls/}).map { |f| File.basename(f) }.sort
+    end
+
     it 'renders the client certificate, key and CA as given' do
       props = { 'grootfs' => { 'tls' => { 'cert' => cert, 'key' => key, 'ca_cert' => cert } } }
       assert_equal cert, job.render('config/tls/client.cert.erb', props).chomp

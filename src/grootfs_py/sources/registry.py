@@ -13,9 +13,13 @@ error message or a child's argv.
 
 TLS: verified against the system CAs (OpenSSL's default paths, so
 ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` apply) unless the registry is listed as
-insecure, which allows unverified TLS and then plain HTTP. Client
-certificates come from ``<certs>/<host:port>/*.cert`` + ``.key`` (the Docker
-``certs.d`` convention). The HTTP itself is :mod:`.transport`'s.
+insecure, which allows unverified TLS and then plain HTTP. The directory
+``create.remote_layer_client_certificates_path`` is laid out as Docker's
+``certs.d``: ``<dir>/<host:port>/`` holds a client certificate (``*.cert``
+with its ``.key``) and CAs trusted besides the system's (``*.crt``); files
+directly in ``<dir>`` serve every registry without a directory of its own
+(the BOSH job renders its ``grootfs.tls.*`` properties there); empty files
+are absent ones. The HTTP itself is :mod:`.transport`'s.
 
 Faults: every request has a timeout per socket operation and is retried
 with backoff on connection errors, timeouts and 5xx; a blob cut off
@@ -43,7 +47,13 @@ from grootfs_py.errors import ImageSourceError
 from grootfs_py.sources import Image, SourceOptions
 from grootfs_py.sources import manifest as m
 from grootfs_py.sources.reference import Reference, parse
-from grootfs_py.sources.transport import Response, TLSError, Transport, TransportError
+from grootfs_py.sources.transport import (
+    Response,
+    TLSError,
+    TLSSetupError,
+    Transport,
+    TransportError,
+)
 
 INSECURE_MESSAGE = (
     "This registry is insecure. To pull images from this registry, "
@@ -91,22 +101,25 @@ def _matches(registry: str, patterns: tuple[str, ...]) -> bool:
     return any(p in (registry, host) for p in patterns)
 
 
-def _client_cert(certs_path: str, registry: str) -> tuple[str, str] | None:
-    """The first ``<name>.cert`` with its ``<name>.key`` in the registry's directory."""
+def _tls_files(certs_path: str, registry: str) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    """The client certificate and key, and the extra CA files, for *registry*."""
     if not certs_path:
-        return None
+        return None, ()
     directory = os.path.join(certs_path, registry.replace("/", "_"))
+    if not os.path.isdir(directory):
+        directory = certs_path
     try:
-        names = sorted(os.listdir(directory))
+        names = sorted(n for n in os.listdir(directory) if os.path.getsize(f"{directory}/{n}"))
     except OSError:
-        return None
+        return None, ()
+    cas = tuple(os.path.join(directory, n) for n in names if n.endswith(".crt"))
     for name in names:
         if name.endswith(".cert"):
-            key = os.path.join(directory, name[: -len(".cert")] + ".key")
-            if os.path.exists(key):
-                return os.path.join(directory, name), key
+            key = name[: -len(".cert")] + ".key"
+            if key in names:
+                return (os.path.join(directory, name), os.path.join(directory, key)), cas
             raise ImageSourceError(f"client certificate {directory}/{name} has no matching .key")
-    return None
+    return None, cas
 
 
 class Client:
@@ -116,10 +129,11 @@ class Client:
         self.ref = ref
         self.insecure = _matches(ref.registry, options.insecure_registries)
         self.scheme = "https"
-        self.cert = _client_cert(options.client_certificates_path, ref.registry)
+        self.cert, cas = _tls_files(options.client_certificates_path, ref.registry)
         self.transport = Transport(
             verify=not self.insecure,
             client_cert=self.cert,
+            ca_files=cas,
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=_timeout(),
             user_agent=USER_AGENT,
@@ -181,6 +195,8 @@ class Client:
             headers = {**headers, "Authorization": self._authorization}
         try:
             return self.transport.get(url, headers)
+        except TLSSetupError as exc:
+            raise ImageSourceError(f"pull {self.ref}: {exc}") from None
         except TLSError as exc:
             if self.insecure and self.scheme == "https" and "://" not in path:
                 # Listed as insecure: a registry without TLS is allowed to speak HTTP.
@@ -242,6 +258,8 @@ class Client:
                 with self.transport.get(realm + sep + urlencode(query), headers) as response:
                     status = response.status
                     body = response.read_all(m.MAX_JSON_BYTES) if response.ok else b""
+            except TLSSetupError as exc:
+                raise ImageSourceError(f"pull {self.ref}: {exc}") from None
             except TLSError as exc:
                 raise self._tls_error(exc) from None
             except TransportError as exc:

@@ -8,7 +8,7 @@ little a registry client needs and nothing more:
 - one connection per request, closed with its response (a pull makes a
   handful of requests, each layer's on its own thread);
 - TLS verified against OpenSSL's default paths (so ``SSL_CERT_FILE`` and
-  ``SSL_CERT_DIR`` apply), or unverified for a registry the operator listed
+  ``SSL_CERT_DIR`` apply) plus any CA files given, or unverified for a registry the operator listed
   as insecure; an optional client certificate; ``ssl`` is imported only for
   an https URL;
 - a connect timeout, then a timeout per socket operation, so a slow but
@@ -18,10 +18,11 @@ little a registry client needs and nothing more:
 - ``http_proxy`` / ``https_proxy`` / ``no_proxy`` from the environment, as
   requests and Go's net/http honour them (https through a CONNECT tunnel).
 
-Failures come out as two kinds: :class:`TLSError` (the handshake or
-certificate was refused: retrying cannot help) and :class:`TransportError`
-(refused, reset, timed out, cut short: worth retrying), each with a short
-reason and never a header or a credential.
+Failures come out as three kinds: :class:`TLSError` (the handshake or
+certificate was refused: retrying cannot help), :class:`TransportError`
+(refused, reset, timed out, cut short: worth retrying) and
+:class:`TLSSetupError` (a configured certificate file is unusable), each
+with a short reason and never a header or a credential.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class TransportError(Exception):
 
 class TLSError(Exception):
     """TLS was refused: an unverifiable certificate, a missing client certificate, no TLS."""
+
+
+class TLSSetupError(Exception):
+    """A configured certificate, key or CA file cannot be used."""
 
 
 def reason(exc: BaseException) -> str:
@@ -144,12 +149,14 @@ class Transport:
         *,
         verify: bool,
         client_cert: tuple[str, str] | None,
+        ca_files: tuple[str, ...] = (),
         connect_timeout: float,
         read_timeout: float,
         user_agent: str,
     ) -> None:
         self.verify = verify
         self.client_cert = client_cert
+        self.ca_files = ca_files
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.user_agent = user_agent
@@ -178,16 +185,22 @@ class Transport:
 
             if self.verify:
                 context = ssl.create_default_context()
+                for cafile in self.ca_files:
+                    try:
+                        context.load_verify_locations(cafile=cafile)
+                    except (OSError, ssl.SSLError) as exc:
+                        raise TLSSetupError(f"CA certificate {cafile}: {exc}") from None
             else:
                 # Listed as insecure by the operator: no CA loading, no checks.
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
             if self.client_cert:
+                cert, key = self.client_cert
                 try:
-                    context.load_cert_chain(*self.client_cert)
+                    context.load_cert_chain(cert, key)
                 except (OSError, ValueError) as exc:
-                    raise TLSError(f"client certificate {self.client_cert[0]}: {exc}") from None
+                    raise TLSSetupError(f"client certificate {cert}: {exc}") from None
             self._context = context
         return self._context
 
