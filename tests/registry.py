@@ -31,10 +31,10 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REGISTRY_BIN = "docker-registry"
 SERVICE = "test-registry"
@@ -236,7 +236,49 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
+def _send_head(
+    req: http.server.BaseHTTPRequestHandler, upstream: http.client.HTTPResponse, length: int
+) -> None:
+    """Relay *upstream*'s status and headers, for a body of *length* bytes sent whole."""
+    req.send_response(upstream.status)
+    for key, value in upstream.getheaders():
+        if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+            req.send_header(key, value)
+    req.send_header("Content-Length", str(length))
+    req.end_headers()
+
+
+class _Loopback:
+    """A threaded HTTP server on 127.0.0.1:<free port>; each method's requests go to a handler."""
+
+    def __init__(
+        self,
+        handlers: dict[str, Callable[[http.server.BaseHTTPRequestHandler], None]],
+        protocol: str = "HTTP/1.1",
+    ) -> None:
+        namespace: dict[str, Any] = {
+            "protocol_version": protocol,
+            "log_message": lambda req, format, *args: None,
+        }
+        for method, handle in handlers.items():
+            namespace[f"do_{method}"] = lambda req, handle=handle: handle(req)
+        handler = type("Handler", (http.server.BaseHTTPRequestHandler,), namespace)
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class TokenServer(_Loopback):
     """``GET /token?service=...&scope=...`` with basic auth -> ``{"token": JWT}``.
 
     Valid users get every action they ask for; anonymous requests get a token
@@ -256,19 +298,8 @@ class TokenServer:
             check=True,
         ).stdout
         self._x5c = base64.b64encode(der).decode()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server._handle(self)
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._httpd.server_address[1]
-        self.realm = f"http://127.0.0.1:{self.port}/token"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        super().__init__({"GET": self._handle}, protocol="HTTP/1.0")
+        self.realm = f"http://{self.host}/token"
 
     def _handle(self, req: http.server.BaseHTTPRequestHandler) -> None:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(req.path).query)
@@ -320,14 +351,6 @@ class TokenServer:
         req.end_headers()
         req.wfile.write(body)
 
-    def start(self) -> TokenServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
 
 @dataclass
 class Faults:
@@ -348,7 +371,7 @@ class Faults:
     authorized: list[str] = field(default_factory=list)  # paths asked with an Authorization
 
 
-class FaultProxy:
+class FaultProxy(_Loopback):
     """An HTTP proxy on 127.0.0.1 in front of *upstream* that misbehaves on request."""
 
     def __init__(self, upstream: str) -> None:
@@ -356,33 +379,7 @@ class FaultProxy:
         self.faults = Faults()
         self._lock = threading.Lock()
         self._inflight = 0
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                proxy._handle(self)
-
-            def do_HEAD(self) -> None:
-                proxy._handle(self)
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self.host = f"127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    def start(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        super().__init__({"GET": self._handle, "HEAD": self._handle})
 
     def reset(self, **faults: Any) -> Faults:
         with self._lock:
@@ -447,12 +444,7 @@ class FaultProxy:
         if is_blob and self._take("corrupt_blobs"):
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
-        req.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("connection", "transfer-encoding", "content-length"):
-                req.send_header(key, value)
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
+        _send_head(req, response, len(body))
         if req.command == "HEAD":
             return
         if is_blob and self._take("reset_blobs"):
@@ -486,7 +478,7 @@ class FaultProxy:
         req.wfile.write(body)
 
 
-class ForwardProxy:
+class ForwardProxy(_Loopback):
     """An egress proxy on 127.0.0.1: absolute-form GETs and CONNECT tunnels, as a cell's.
 
     It records each request's first line, so a test can tell it was used.
@@ -494,32 +486,7 @@ class ForwardProxy:
 
     def __init__(self) -> None:
         self.seen: list[str] = []
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                proxy._get(self)
-
-            def do_CONNECT(self) -> None:
-                proxy._connect(self)
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.host = f"127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    def start(self) -> ForwardProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        super().__init__({"GET": self._get, "CONNECT": self._connect})
 
     def _get(self, req: http.server.BaseHTTPRequestHandler) -> None:
         self.seen.append(f"GET {req.path}")
@@ -535,12 +502,7 @@ class ForwardProxy:
             body = response.read()
         finally:
             conn.close()
-        req.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("connection", "transfer-encoding", "content-length"):
-                req.send_header(key, value)
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
+        _send_head(req, response, len(body))
         req.wfile.write(body)
 
     def _connect(self, req: http.server.BaseHTTPRequestHandler) -> None:
