@@ -16,7 +16,9 @@ little a registry client needs and nothing more:
 - redirects (Docker Hub sends blobs to a CDN), with the Authorization
   header dropped when one leaves the host;
 - ``http_proxy`` / ``https_proxy`` / ``no_proxy`` from the environment, as
-  requests and Go's net/http honour them (https through a CONNECT tunnel).
+  requests and Go's net/http honour them (https through a CONNECT tunnel;
+  no_proxy entries are names, matching themselves and their subdomains,
+  optionally with a port, IP networks in CIDR form, or ``*``).
 
 Failures come out as three kinds: :class:`TLSError` (the handshake or
 certificate was refused: retrying cannot help), :class:`TransportError`
@@ -87,6 +89,10 @@ def proxy_for(scheme: str, host: str, port: int | None) -> str | None:
             continue
         if entry == "*":
             return None
+        if "/" in entry:
+            if _in_network(host, entry):
+                return None
+            continue
         name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
         if entry_port and port is not None and entry_port != str(port):
             continue
@@ -94,6 +100,16 @@ def proxy_for(scheme: str, host: str, port: int | None) -> str | None:
         if host == name or host.endswith("." + name):
             return None
     return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _in_network(host: str, cidr: str) -> bool:
+    """Whether *host* is an IP address inside *cidr* (a no_proxy entry like 10.0.0.0/8)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return False
 
 
 class Response:
