@@ -55,19 +55,6 @@ def existing_backing_files(stores: dict[str, str]) -> dict[str, tuple[int, int]]
     return found
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as exc:
-        raise ReleaseError(f"read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ReleaseError(f"read {path}: not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ReleaseError(f"read {path}: not a JSON object")
-    return data
-
-
 def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -94,7 +81,7 @@ def sized_config(config: dict[str, Any], size: sizing.StoreSize) -> dict[str, An
 
 def prepare(paths: Paths, say: Callable[[str], None] = print) -> sizing.Plan:
     props = properties.load(os.path.join(paths.job_dir, "config", "release.json"))
-    configs = {name: _read_json(paths.config(name)) for name in CONFIGS}
+    configs = {name: properties.read_json_object(paths.config(name)) for name in CONFIGS}
     stores = {}
     for name, config in configs.items():
         store = config.get("store")

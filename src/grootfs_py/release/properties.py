@@ -127,14 +127,20 @@ def validate(raw: Mapping[str, Any]) -> JobProperties:
     return JobProperties(values)
 
 
-def load(path: str) -> JobProperties:
+def read_json_object(path: str, what: str = "") -> dict[str, Any]:
+    """The JSON object in *path*; a missing file or other JSON is a ReleaseError."""
+    where = f"{what} {path}" if what else path
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            data = json.load(f)
     except OSError as exc:
-        raise ReleaseError(f"read job properties {path}: {exc.strerror}") from None
+        raise ReleaseError(f"read {where}: {exc.strerror}") from None
     except ValueError as exc:
-        raise ReleaseError(f"read job properties {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ReleaseError(f"read job properties {path}: not a JSON object")
-    return validate(raw)
+        raise ReleaseError(f"read {where}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ReleaseError(f"read {where}: not a JSON object")
+    return data
+
+
+def load(path: str) -> JobProperties:
+    return validate(read_json_object(path, "job properties"))
