@@ -30,7 +30,6 @@ unpacker never repeats or loses a byte.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import io
@@ -53,6 +52,7 @@ from grootfs_py.sources.transport import (
     TLSSetupError,
     Transport,
     TransportError,
+    basic_auth,
 )
 
 INSECURE_MESSAGE = (
@@ -229,8 +229,7 @@ class Client:
             if scheme == "basic":
                 if not self._username:
                     raise self._auth_required()
-                pair = f"{self._username}:{self._password}".encode()
-                self._authorization = "Basic " + base64.b64encode(pair).decode()
+                self._authorization = basic_auth(self._username, self._password)
             elif scheme == "bearer" and params.get("realm"):
                 self._authorization = "Bearer " + self._token(params)
             else:
@@ -248,16 +247,15 @@ class Client:
             query["service"] = params["service"]
         headers = {}
         if self._username:
-            pair = f"{self._username}:{self._password}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            headers["Authorization"] = basic_auth(self._username, self._password)
         sep = "&" if "?" in realm else "?"
         last = ""
         delay = BACKOFF_SECONDS
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with self.transport.get(realm + sep + urlencode(query), headers) as response:
-                    status = response.status
-                    body = response.read_all(m.MAX_JSON_BYTES) if response.ok else b""
+                    status, ok = response.status, response.ok
+                    body = response.read_all(m.MAX_JSON_BYTES) if ok else b""
             except TLSSetupError as exc:
                 raise ImageSourceError(f"pull {self.ref}: {exc}") from None
             except TLSError as exc:
@@ -267,7 +265,7 @@ class Client:
             else:
                 if status in (401, 403):
                     raise self._auth_required()
-                if 200 <= status < 300:
+                if ok:
                     try:
                         doc = json.loads(body)
                         token = doc.get("token") or doc.get("access_token")

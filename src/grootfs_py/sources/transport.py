@@ -102,6 +102,11 @@ def proxy_for(scheme: str, host: str, port: int | None) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
+def basic_auth(username: str, password: str) -> str:
+    """An HTTP Basic credentials header value."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 def _in_network(host: str, cidr: str) -> bool:
     """Whether *host* is an IP address inside *cidr* (a no_proxy entry like 10.0.0.0/8)."""
     import ipaddress
@@ -230,13 +235,13 @@ class Transport:
         send = {"User-Agent": self.user_agent, **headers}
         proxy = proxy_for(parts.scheme, parts.hostname, parts.port)
         proxy_auth: dict[str, str] = {}
-        address = parts.netloc.rpartition("@")[2]
+        netloc = parts.netloc.rpartition("@")[2]  # host[:port], without userinfo
+        address = netloc
         if proxy:
             proxied = urlsplit(proxy)
             if proxied.username:
-                pair = f"{unquote(proxied.username)}:{unquote(proxied.password or '')}"
-                proxy_auth["Proxy-Authorization"] = (
-                    "Basic " + base64.b64encode(pair.encode()).decode()
+                proxy_auth["Proxy-Authorization"] = basic_auth(
+                    unquote(proxied.username), unquote(proxied.password or "")
                 )
             address = proxied.netloc.rpartition("@")[2]
         conn: http.client.HTTPConnection
@@ -245,7 +250,7 @@ class Transport:
                 address, timeout=self.connect_timeout, context=self._ssl_context()
             )
             if proxy:
-                conn.set_tunnel(parts.netloc.rpartition("@")[2], headers=proxy_auth)
+                conn.set_tunnel(netloc, headers=proxy_auth)
         else:
             conn = http.client.HTTPConnection(address, timeout=self.connect_timeout)
             if proxy:
