@@ -84,18 +84,23 @@ def median(samples: list[Sample]) -> float:
     return statistics.median(s.seconds for s in samples)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--repetitions", type=int, default=9)
-    reps = parser.parse_args().repetitions
+def setup(description: str, default_repetitions: int) -> int:
+    """Parse -n, check what every benchmark needs, compile the package; the repetitions."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-n", "--repetitions", type=int, default=default_repetitions)
+    reps: int = parser.parse_args().repetitions
     if os.geteuid() != 0:
         sys.exit("bench: run as root")
     if not (LAYOUT / "index.json").exists():
         sys.exit("bench: no Debian image: run demo/build-debian-image first")
-
     # An installed package carries its bytecode; with PYTHONDONTWRITEBYTECODE set
     # (as on this machine) an editable checkout would be compiled on every run.
     run([sys.executable, "-m", "compileall", "-q", str(REPO / "src")])
+    return reps
+
+
+def main() -> int:
+    reps = setup(__doc__.splitlines()[0], default_repetitions=9)
     work = Path(tempfile.mkdtemp(prefix="grootfs-bench-"))
     store = work / "store"
     grootfs = [str(BIN / "grootfs"), "--store", str(store), "--log-file", str(work / "log")]

@@ -19,7 +19,6 @@ get a loop-mounted XFS filesystem. Run as root after
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -36,7 +35,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_create import BIN, LAYOUT, REPO, STORE_SIZE, TAG, Sample, loop_xfs, run, timed
+from bench_create import (
+    BIN,
+    LAYOUT,
+    REPO,
+    STORE_SIZE,
+    TAG,
+    Sample,
+    loop_xfs,
+    median,
+    run,
+    setup,
+    timed,
+)
 
 import registry as reg
 
@@ -107,10 +118,6 @@ def podman_argv(peers: Path) -> list[str]:
         "--storage-driver",
         "overlay",
     ]
-
-
-def median(samples: list[Sample]) -> float:
-    return statistics.median(s.seconds for s in samples)
 
 
 def bench_image(name: str, host: str, work: Path, peers: Path, reps: int) -> list[tuple[str, str]]:
@@ -198,24 +205,13 @@ def floor(reps: int) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--repetitions", type=int, default=5)
-    reps = parser.parse_args().repetitions
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root")
-    if not (LAYOUT / "index.json").exists():
-        sys.exit("bench: no Debian image: run demo/build-debian-image first")
+    reps = setup(__doc__.splitlines()[0], default_repetitions=5)
     build_five_layer_image()
 
     work = Path(tempfile.mkdtemp(prefix="grootfs-bench-registry-"))
     store = work / "store"
     grootfs = [str(BIN / "grootfs"), "--store", str(store), "--log-file", str(work / "log")]
     rows: list[tuple[str, str]] = []
-    # An installed package carries its bytecode; with PYTHONDONTWRITEBYTECODE set
-    # (as on this machine) an editable checkout would be compiled on every run.
-    run(
-        [sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1] / "src")]
-    )
     try:
         run([*grootfs, "init-store", "--store-size-bytes", str(STORE_SIZE)])
         with (
