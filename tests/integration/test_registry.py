@@ -151,44 +151,42 @@ def _no_secret_anywhere(grootfs_log, *outputs):
         assert "Basic " not in text and "Bearer " not in text
 
 
+def _needs_and_checks_credentials(grootfs, store, host):
+    """No credentials, then wrong ones, fail as the contract says; right ones create.
+
+    Returns every output, for the check that no secret leaked into any of them.
+    """
+    url = f"docker://{host}/busybox"
+    flags = ("--insecure-registry", host)
+    missing = _fails(grootfs, store, url, *flags)
+    assert missing.startswith(f"authorization failed: registry {host} requires credentials")
+    wrong = _fails(grootfs, store, url, *flags, "--username", USER, "--password", "nope")
+    assert wrong == AUTH_FAILED
+    result = grootfs(
+        "create", *flags, "--username", USER, "--password", PASSWORD, url, "c", store=store
+    )
+    assert json.loads(result.stdout)["process"]["env"][1] == "GREETING=from-the-registry"
+    return missing, wrong, result.stdout, result.stderr
+
+
 def test_htpasswd_registry_takes_basic_credentials(
     grootfs, dir_store, htpasswd_registry, grootfs_log
 ):
-    host = htpasswd_registry.host
-    url = f"docker://{host}/busybox"
-    flags = ("--insecure-registry", host)
-    missing = _fails(grootfs, dir_store, url, *flags)
-    assert missing.startswith(f"authorization failed: registry {host} requires credentials")
-    wrong = _fails(grootfs, dir_store, url, *flags, "--username", USER, "--password", "nope")
-    assert wrong == AUTH_FAILED
-    result = grootfs(
-        "create", *flags, "--username", USER, "--password", PASSWORD, url, "c", store=dir_store
-    )
-    assert json.loads(result.stdout)["process"]["env"][1] == "GREETING=from-the-registry"
-    _no_secret_anywhere(grootfs_log, missing, wrong, result.stdout, result.stderr)
+    outputs = _needs_and_checks_credentials(grootfs, dir_store, htpasswd_registry.host)
+    _no_secret_anywhere(grootfs_log, *outputs)
 
 
 def test_token_registry_takes_a_bearer_token_from_its_realm(
     grootfs, dir_store, token_registry, grootfs_log
 ):
-    host = token_registry.registry.host
-    url = f"docker://{host}/busybox"
-    flags = ("--insecure-registry", host)
     issued = len(token_registry.tokens.issued)
-    anonymous = _fails(grootfs, dir_store, url, *flags)
-    assert anonymous.startswith(f"authorization failed: registry {host} requires credentials")
-    wrong = _fails(grootfs, dir_store, url, *flags, "--username", USER, "--password", "nope")
-    assert wrong == AUTH_FAILED
-    result = grootfs(
-        "create", *flags, "--username", USER, "--password", PASSWORD, url, "c", store=dir_store
-    )
-    assert json.loads(result.stdout)["process"]["env"][1] == "GREETING=from-the-registry"
+    outputs = _needs_and_checks_credentials(grootfs, dir_store, token_registry.registry.host)
     granted = [t for t in token_registry.tokens.issued[issued:] if t["sub"] == USER]
     assert granted and granted[-1]["access"] == [
         {"type": "repository", "name": "busybox", "actions": ["pull"]}
     ]
     assert granted[-1]["aud"] == "test-registry"
-    _no_secret_anywhere(grootfs_log, anonymous, wrong, result.stdout, result.stderr)
+    _no_secret_anywhere(grootfs_log, *outputs)
 
 
 def test_self_signed_registry_is_refused_unless_trusted_or_insecure(
