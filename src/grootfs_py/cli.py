@@ -187,9 +187,30 @@ def _configure(args: argparse.Namespace) -> Config:
     return config.validate()
 
 
+# Control characters (C0, DEL, C1), Unicode line and paragraph separators, and
+# the lone surrogates that stand for undecodable bytes in names: shown as
+# escapes, so a hostile entry name cannot add a line to stdout, move the
+# cursor, or make the write fail. Built on first use (failures only, mostly).
+_ESCAPES: dict[int, str] = {}
+
+
+def escape(text: str) -> str:
+    """*text* with every character that could break or forge a stdout line made visible."""
+    if not _ESCAPES:
+        named = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+        for code in (*range(0x20), *range(0x7F, 0xA0)):
+            _ESCAPES[code] = named.get(code, f"\\x{code:02x}")
+        for code in (0x2028, 0x2029, *range(0xD800, 0xE000)):
+            _ESCAPES[code] = f"\\u{code:04x}"
+        for code in range(0xDC80, 0xDD00):  # surrogateescape's stand-ins for bytes 0x80-0xff
+            _ESCAPES[code] = f"\\x{code - 0xDC00:02x}"
+    return text.translate(_ESCAPES)
+
+
 def _print(value: Any) -> None:
+    """Write one line on stdout: a string (escaped) or a JSON value (ASCII-only)."""
     if isinstance(value, str):
-        sys.stdout.write(value + "\n")
+        sys.stdout.write(escape(value) + "\n")
     else:
         sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
 
@@ -217,7 +238,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
         from grootfs_py import images
 
         paths = images.list_paths(store)
-        _print("\n".join(paths) if paths else "Store empty")
+        for path in paths:
+            _print(path)  # one line each, escaped
+        if not paths:
+            _print("Store empty")
     elif command == "clean":
         from grootfs_py import clean
 
@@ -348,6 +372,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         _print("interrupted")
+        return 1
+    except Exception as exc:
+        # A bug or an input nothing foresaw: still one line for Garden, and
+        # the traceback for whoever reads the log.
+        import traceback
+
+        line = f"internal error: {type(exc).__name__}: {exc}"
+        log.error("internal error", error=line, traceback=traceback.format_exc())
+        _print(line)
         return 1
     finally:
         log.close()

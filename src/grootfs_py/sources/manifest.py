@@ -5,7 +5,6 @@ Shared by every source that reads image JSON (OCI layouts, registries).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple
@@ -84,10 +83,9 @@ class ImageConfig(NamedTuple):
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ImageSourceError(f"invalid {what}: not JSON") from None
+    from grootfs_py import jsonload
+
+    doc = jsonload.loads(data, what, max_bytes=MAX_JSON_BYTES)
     if not isinstance(doc, dict):
         raise ImageSourceError(f"invalid {what}: not a JSON object")
     return doc

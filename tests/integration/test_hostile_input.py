@@ -1,0 +1,164 @@
+"""Hostile images and arguments: one clean line on stdout, never a forged second one.
+
+Found by the fuzzing campaign of issue 13 (and kept found by tests/fuzz):
+names that carry newlines or terminal escapes, JSON nested 100,000 deep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+import imagefactory as f
+from oneline import failure_line
+
+FORGED = 'nope\n{"ociVersion":"1.0.2","root":{"path":"/etc"}}\x1b[2J'
+
+
+def _run(grootfs, store, *args):
+    result = grootfs(*args, store=store, check=False)
+    return failure_line(result.returncode, result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("entries", "shown"),
+    [
+        (
+            [f.hardlink("link", FORGED)],
+            r'nope\n{"ociVersion":"1.0.2","root":{"path":"/etc"}}\x1b[2J',
+        ),
+        ([f.raw("../\x1b]0;owned\x07\r\nx")], r"../\x1b]0;owned\x07\r\nx"),
+        ([f.symlink("s", "/etc"), f.file("s/evil\u2028\x85name")], r"s/evil\u2028\x85name"),
+        (
+            [f.raw("../bytes", pax={"path": "../caf\udcff\udcfe"})],
+            r"../caf\xff\xfe",
+        ),
+    ],
+    ids=["hardlink-target", "escape-codes-in-name", "unicode-separators", "undecodable-bytes"],
+)
+def test_hostile_names_are_escaped_in_the_one_error_line(
+    grootfs, dir_store, tmp_path, entries, shown
+):
+    layout = f.write_oci_layout(str(tmp_path / "l"), [entries])
+    line = _run(grootfs, dir_store, "create", f"oci://{layout.path}", "c")
+    assert line.startswith("unpack layer")
+    assert shown in line
+
+
+def _write_blob(layout: str, data: bytes) -> tuple[str, int]:
+    digest = f.sha256(data)
+    with open(os.path.join(layout, "blobs", *digest.split(":")), "wb") as fh:
+        fh.write(data)
+    return digest, len(data)
+
+
+def _point_index_at(layout: str, digest: str, size: int) -> None:
+    index = {
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": f.MEDIA_MANIFEST, "digest": digest, "size": size}],
+    }
+    with open(os.path.join(layout, "index.json"), "w") as fh:
+        json.dump(index, fh)
+
+
+def _deep(kind: str) -> bytes:
+    opened, closed = ("[", "]") if kind == "arrays" else ('{"a":', "}")
+    return (opened * 100_000 + "1" + closed * 100_000).encode()
+
+
+@pytest.mark.parametrize("kind", ["arrays", "objects"])
+@pytest.mark.parametrize("document", ["index.json", "manifest", "image config"])
+def test_deeply_nested_json_is_refused_with_the_depth_bound(
+    grootfs, dir_store, tmp_path, document, kind
+):
+    layout = f.write_oci_layout(str(tmp_path / "l"), [[f.file("a")]])
+    deep = _deep(kind)
+    if document == "index.json":
+        with open(os.path.join(layout.path, "index.json"), "wb") as fh:
+            fh.write(deep)
+    elif document == "manifest":
+        _point_index_at(layout.path, *_write_blob(layout.path, deep))
+    else:
+        config_digest, config_size = _write_blob(layout.path, deep)
+        with open(layout.blob_path(layout.manifest_digest), "rb") as fh:
+            manifest = json.load(fh)
+        manifest["config"].update(digest=config_digest, size=config_size)
+        _point_index_at(layout.path, *_write_blob(layout.path, json.dumps(manifest).encode()))
+    line = _run(grootfs, dir_store, "create", f"oci://{layout.path}", "c")
+    assert "nested deeper than 100 levels" in line
+    assert document in line
+
+
+def test_oversized_index_is_refused_with_the_size_bound(grootfs, dir_store, tmp_path):
+    layout = f.write_oci_layout(str(tmp_path / "l"), [[f.file("a")]])
+    with open(os.path.join(layout.path, "index.json"), "wb") as fh:
+        fh.write(b'{"manifests": [], "pad": "' + b"x" * (9 << 20) + b'"}')
+    line = _run(grootfs, dir_store, "create", f"oci://{layout.path}", "c")
+    assert line == "invalid OCI layout index.json: larger than 8388608 bytes"
+
+
+def test_deeply_nested_config_file_is_refused(grootfs, dir_store, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text("{" * 100_000)
+    line = _run(grootfs, dir_store, "--config", str(config), "list")
+    assert line == "invalid config file: nested deeper than 100 levels"
+
+
+def test_delete_echoes_a_hostile_id_on_one_escaped_line(grootfs, dir_store):
+    result = grootfs("delete", "gone\n{}\x1b[2J", store=dir_store)
+    assert result.stdout == "Image `gone\\n{}\\x1b[2J` not found. Skipping delete.\n"
+
+
+def test_list_prints_one_escaped_line_per_image(grootfs, tmp_path, require_root):
+    # A store whose path holds a newline: each image path is still one line.
+    store = str(tmp_path / "st\nore")
+    layout = f.write_oci_layout(str(tmp_path / "l"), [[f.file("a")]])
+    grootfs("init-store", store=store)
+    try:
+        grootfs("create", "--without-mount", f"oci://{layout.path}", "one", store=store)
+        grootfs("create", "--without-mount", f"oci://{layout.path}", "two", store=store)
+        lines = grootfs("list", store=store).stdout.splitlines()
+        escaped = store.replace("\n", "\\n")
+        assert sorted(lines) == [f"{escaped}/images/one", f"{escaped}/images/two"]
+    finally:
+        grootfs("delete-store", store=store)
+
+
+def test_a_tar_with_tarfile_bytes_names_is_not_a_traceback(grootfs, dir_store, tmp_path):
+    # A GNU long name of raw bytes that are not UTF-8, escaping the layer.
+    tar = tmp_path / "raw.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as out:
+        info = tarfile.TarInfo("../" + "\xe9" * 120 + "\n")
+        out.addfile(info)
+    line = _run(grootfs, dir_store, "create", str(tar), "c")
+    assert "\\xe9" in line and "\\n" in line
+
+
+def test_an_unexpected_exception_is_one_internal_error_line(tmp_path):
+    # Injected on purpose: an unforeseen bug cannot be produced by real input on
+    # demand, so a child interpreter makes one function raise and runs the real main.
+    log_file = tmp_path / "log"
+    script = (
+        "import sys\n"
+        "from grootfs_py import cli, images\n"
+        "def broken(store):\n"
+        "    raise RuntimeError('boom\\n{\"forged\": true}')\n"
+        "images.list_paths = broken\n"
+        f"argv = ['--store', {str(tmp_path)!r}, '--log-file', {str(log_file)!r}, 'list']\n"
+        "sys.exit(cli.main(argv))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stdout == 'internal error: RuntimeError: boom\\n{"forged": true}\n'
+    assert result.stderr == ""
+    record = json.loads(log_file.read_text().splitlines()[-1])
+    assert record["message"] == "internal error"
+    assert "Traceback (most recent call last)" in record["data"]["traceback"]
+    assert "RuntimeError: boom" in record["data"]["traceback"]
