@@ -284,6 +284,9 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
     except BaseException:
         fsutil.remove_tree(tmp)
         raise
+    # Linked now, not when the whole image is ready: a create whose next layer
+    # fails keeps this one cached, and a cached layer has its link (check-store).
+    link(store, layer.chain_id)
     log.info("layer ready", layer=layer.label, size=result.size_bytes)
 
 

@@ -15,6 +15,7 @@ import tarfile
 import pytest
 
 import imagefactory as f
+from grootfs_py import mounts
 from oneline import failure_line
 
 FORGED = 'nope\n{"ociVersion":"1.0.2","root":{"path":"/etc"}}\x1b[2J'
@@ -162,3 +163,47 @@ def test_an_unexpected_exception_is_one_internal_error_line(tmp_path):
     assert record["message"] == "internal error"
     assert "Traceback (most recent call last)" in record["data"]["traceback"]
     assert "RuntimeError: boom" in record["data"]["traceback"]
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """A gzipped layer tar of one file of *size* zero bytes (about 1/1000 of it compressed)."""
+    import zlib
+
+    header = tarfile.TarInfo("bomb")
+    header.size = size
+    gz = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [gz.compress(header.tobuf(tarfile.PAX_FORMAT))]
+    chunk = bytes(1 << 20)
+    for _ in range(size // len(chunk)):
+        out.append(gz.compress(chunk))
+    out.append(gz.compress(bytes(2 * tarfile.BLOCKSIZE)))
+    out.append(gz.flush())
+    return b"".join(out)
+
+
+def test_a_gzip_bomb_past_the_free_space_fails_cleanly(grootfs, small_xfs_store, tmp_path):
+    store = small_xfs_store
+    base = [f.file("base", b"b" * 10_000)]
+    layout = f.write_oci_layout(str(tmp_path / "l"), [base, [f.file("placeholder")]])
+    # The bomb replaces the top layer's blob; --skip-layer-validation spares
+    # hashing 600 MiB here to state its digests (the unpack path is the same).
+    bomb = _gzip_bomb(600 << 20)
+    assert len(bomb) < 1 << 20
+    with open(layout.blob_path(layout.layer_digests[1]), "wb") as fh:
+        fh.write(bomb)
+    url = f"oci://{layout.path}"
+    line = _run(grootfs, store, "create", "--skip-layer-validation", url, "c")
+    assert line.startswith(f"unpack layer {layout.chain_ids[1]}: ")  # unverified: named by chain
+    assert line.endswith(": no space left in the store")
+    # Nothing of the bomb is left: no incomplete volume, image, meta record or mount.
+    volumes = os.listdir(os.path.join(store, "volumes"))
+    assert volumes in ([], [layout.chain_ids[0].split(":")[1]])
+    assert os.listdir(os.path.join(store, "images")) == []
+    assert os.listdir(os.path.join(store, "tmp")) == []
+    assert os.listdir(os.path.join(store, "meta", "dependencies")) == []
+    assert mounts.under(store) == []
+    assert grootfs("check-store", store=store).returncode == 0
+    # The space came back: a real image still fits.
+    small = f.write_oci_layout(str(tmp_path / "small"), [base, [f.file("x", b"x" * 100_000)]])
+    grootfs("create", f"oci://{small.path}", "after", store=store)
+    grootfs("delete", "after", store=store)
