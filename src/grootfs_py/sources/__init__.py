@@ -26,10 +26,11 @@ class Layer(NamedTuple):
     blob_size: int | None = None  # compressed size as published, verified or not
     base_directory: str = ""  # unpack under this absolute directory ("": the root)
     parent_chain_id: str = ""  # the layer below; "" for the bottom one
+    published_digest: str = ""  # as the manifest names it, verified or not
 
     @property
     def label(self) -> str:
-        return self.digest or self.chain_id
+        return self.digest or self.published_digest or self.chain_id
 
 
 class SourceOptions(NamedTuple):

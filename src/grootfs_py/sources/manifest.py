@@ -212,6 +212,7 @@ def image(
                 blob_size=desc.size,
                 base_directory=base_directory(desc),
                 parent_chain_id=parent,
+                published_digest=desc.digest,
             )
         )
         parent = chain_id
