@@ -300,6 +300,23 @@ def write_layout(rng: random.Random, path: str, tars: list[bytes], mutate: str) 
     return f"oci://{path}:latest" if rng.random() < 0.5 else f"oci://{path}"
 
 
+def make_special(rng: random.Random, path: str) -> str:
+    """Replace the file at *path* by something that is not a regular file; say what."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    kind = rng.choice(["fifo", "directory", "link-to-fifo", "link-to-device", "missing"])
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "link-to-fifo":
+        os.mkfifo(path + ".fifo")
+        os.symlink(os.path.basename(path) + ".fifo", path)
+    elif kind == "link-to-device":
+        os.symlink("/dev/zero", path)
+    return kind
+
+
 def bait_seeds(canary: str) -> list[bytes]:
     """Layers that try to write into *canary*, outside the store, every way we know."""
     up = "../" * 12 + canary.lstrip("/")
@@ -404,14 +421,22 @@ class Campaign:
             with open(path, "wb") as f:
                 f.write(_compress(tars[0], "gzip") if rng.random() < 0.3 else tars[0])
             url, what = path, "tarball"
+            if rng.random() < 0.03:
+                what += " that is a " + make_special(rng, path)
         else:
             if rng.random() < 0.4:
                 tars.insert(0, rng.choice(self.seeds))  # a good lower layer under it
             mutate = rng.choice(["", "", "config", "manifest", "index", "bytes"])
             if mutate:
                 tars = [rng.choice(self.seeds) for _ in tars]
-            url = write_layout(rng, os.path.join(self.inputs, str(self.n)), tars, mutate)
+            layout = os.path.join(self.inputs, str(self.n))
+            url = write_layout(rng, layout, tars, mutate)
             what = f"layout ({mutate or 'layers'} mutated)"
+            if rng.random() < 0.05:
+                blobs = os.path.join(layout, "blobs", "sha256")
+                victim = rng.choice([*(os.path.join(blobs, b) for b in os.listdir(blobs)),
+                                     os.path.join(layout, "index.json")])  # fmt: skip
+                what += f", {os.path.basename(victim)[:12]} a {make_special(rng, victim)}"
         flags = []
         if rng.random() < 0.75:
             flags.append("--without-mount")
@@ -446,10 +471,7 @@ class Campaign:
             changed = sorted(set(now.items()) ^ set(self.baseline.items()))
             self.finding("escape", f"outside the store changed: {changed}", what)
             self.baseline = now
-        shutil.rmtree(os.path.join(self.inputs, str(self.n)), ignore_errors=True)
-        with_tar = os.path.join(self.inputs, f"{self.n}.tar")
-        if os.path.exists(with_tar):
-            os.unlink(with_tar)
+        shutil.rmtree(self.inputs, ignore_errors=True)
         if self.n % CHECK_EVERY == 0:
             self.check()
 

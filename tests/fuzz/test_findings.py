@@ -22,6 +22,13 @@ FINDINGS = [
     # make fuzz, reference: a tag beside a digest does not print back (the digest wins);
     # the target's round-trip property was too strict, the parser is right.
     ("reference", b"registry.exa256:ababababababyz@sha256:" + b"ab" * 32),
+    # make fuzz, create: a ref.name annotation that is a list, listed among the tags: TypeError.
+    (
+        "image-json",
+        b'{"manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": '
+        b'"sha256:' + b"8f" * 32 + b'", "size": 418, "annotations": '
+        b'{"org.opencontainers.image.ref.name": ["latest"]}}]}',
+    ),
 ]
 
 

@@ -75,7 +75,10 @@ class Descriptor(NamedTuple):
             digest=check_digest(data.get("digest", "")),
             size=size,
             platform=platform_ if isinstance(platform_, dict) else None,
-            annotations=annotations if isinstance(annotations, dict) else None,
+            # Annotations are strings (OCI); others are dropped, not trusted to be.
+            annotations={k: v for k, v in annotations.items() if isinstance(v, str)}
+            if isinstance(annotations, dict)
+            else None,
             urls=tuple(urls),
         )
 
