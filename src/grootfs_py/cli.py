@@ -187,24 +187,33 @@ def _configure(args: argparse.Namespace) -> Config:
     return config.validate()
 
 
-# Control characters (C0, DEL, C1), Unicode line and paragraph separators, and
-# the lone surrogates that stand for undecodable bytes in names: shown as
-# escapes, so a hostile entry name cannot add a line to stdout, move the
-# cursor, or make the write fail. Built on first use (failures only, mostly).
-_ESCAPES: dict[int, str] = {}
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for an undecodable byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
 
 
 def escape(text: str) -> str:
-    """*text* with every character that could break or forge a stdout line made visible."""
-    if not _ESCAPES:
-        named = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
-        for code in (*range(0x20), *range(0x7F, 0xA0)):
-            _ESCAPES[code] = named.get(code, f"\\x{code:02x}")
-        for code in (0x2028, 0x2029, *range(0xD800, 0xE000)):
-            _ESCAPES[code] = f"\\u{code:04x}"
-        for code in range(0xDC80, 0xDD00):  # surrogateescape's stand-ins for bytes 0x80-0xff
-            _ESCAPES[code] = f"\\x{code - 0xDC00:02x}"
-    return text.translate(_ESCAPES)
+    """*text* with every character that could break or forge a stdout line made visible.
+
+    Control characters (C0, DEL, C1), the Unicode line and paragraph
+    separators, and lone surrogates (undecodable bytes of a name) become
+    escapes, so a hostile entry name cannot add a line to stdout, move the
+    cursor, or make the write fail.
+    """
+    if text.isprintable():  # the usual case, at C speed: none of those is printable
+        return text
+    import re
+
+    return re.sub("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]", lambda m: _escaped(m[0]), text)
 
 
 def _print(value: Any) -> None:

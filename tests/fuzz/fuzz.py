@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -31,7 +32,7 @@ DICTS = {"tar": "tar.dict", "image-json": "json.dict", "json-bounds": "json.dict
 
 def run_parser(
     target: str, out: str, seconds: float, runs: int, seed: int | None
-) -> dict[str, object]:
+) -> dict[str, Any]:
     corpus = os.path.join(out, "corpus", target)
     findings = os.path.join(out, "findings", target)
     os.makedirs(corpus, exist_ok=True)
@@ -80,30 +81,54 @@ def run_parser(
     }
 
 
-def run_creates(out: str, seconds: float, runs: int, seed: int | None) -> dict[str, object]:
-    argv = [sys.executable, os.path.join(HERE, "creates.py"), "--seconds", str(seconds)]
-    argv += ["--findings", os.path.join(out, "findings", "create")]
-    if runs:
-        argv += ["--runs", str(runs)]
-    if seed is not None:
-        argv += ["--seed", str(seed)]
-    result = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
-    try:
-        summary: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
-    except (IndexError, ValueError):
-        return {"target": "create", "executions": 0, "findings": {"crash": 1},
-                "error": result.stdout[-2000:] + result.stderr[-2000:]}  # fmt: skip
-    return summary
+def run_creates(out: str, seconds: float, runs: int, seed: int | None, jobs: int) -> dict[str, Any]:
+    """*jobs* create campaigns at once, each on its own store (a create waits on I/O a lot)."""
+    children = []
+    for job in range(jobs):
+        argv = [sys.executable, os.path.join(HERE, "creates.py"), "--seconds", str(seconds)]
+        argv += ["--findings", os.path.join(out, "findings", f"create-{job}")]
+        if runs:
+            argv += ["--runs", str(runs)]
+        if seed is not None:
+            argv += ["--seed", str(seed + job)]
+        children.append(
+            subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    total: dict[str, Any] = {"target": "create", "executions": 0, "created": 0, "refused": 0}
+    found: dict[str, int] = {}
+    seconds_taken = 0.0
+    for child in children:
+        stdout, stderr = child.communicate()
+        try:
+            summary = json.loads(stdout.splitlines()[-1])
+        except (IndexError, ValueError):
+            found["crash"] = found.get("crash", 0) + 1
+            print(f"create campaign failed: {stdout[-2000:]}{stderr[-2000:]}", file=sys.stderr)
+            continue
+        for key in ("executions", "created", "refused"):
+            total[key] += summary[key]
+        for kind, count in summary["findings"].items():
+            found[kind] = found.get(kind, 0) + count
+        seconds_taken = max(seconds_taken, summary["seconds"])
+    total["seconds"] = seconds_taken
+    total["exec_per_s"] = round(total["executions"] / seconds_taken, 1) if seconds_taken else 0
+    total["findings"] = found
+    return total
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=60, help="per parser target")
-    parser.add_argument("--create-seconds", type=float, default=240)
+    parser.add_argument("--seconds", type=float, default=50, help="per parser target")
+    parser.add_argument("--create-seconds", type=float, default=300)
     parser.add_argument("--runs", type=int, default=0, help="inputs per parser target instead")
     parser.add_argument("--create-runs", type=int, default=0, help="creates instead of seconds")
+    parser.add_argument("--create-jobs", type=int, default=2, help="create campaigns at once")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", default=os.path.join(ROOT, ".fuzz"))
     parser.add_argument("--only", choices=[*PARSERS, "create"], action="append")
@@ -111,7 +136,11 @@ def main() -> int:
     results = []
     for target in args.only or [*PARSERS, "create"]:
         if target == "create":
-            results.append(run_creates(args.out, args.create_seconds, args.create_runs, args.seed))
+            results.append(
+                run_creates(
+                    args.out, args.create_seconds, args.create_runs, args.seed, args.create_jobs
+                )
+            )
         else:
             results.append(run_parser(target, args.out, args.seconds, args.runs, args.seed))
         r = results[-1]
@@ -120,8 +149,9 @@ def main() -> int:
             f"{r.get('exec_per_s', 0):>7}/s  findings: {r['findings'] or 'none'}",
             flush=True,
         )
-    total = sum(sum(r["findings"].values()) for r in results)  # type: ignore[union-attr]
+    total = sum(sum(r["findings"].values()) for r in results)
     print(f"fuzz: {total} finding(s)" + (f", see {args.out}/findings" if total else ""))
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(results, f, indent=1)
     return 1 if total else 0
