@@ -13,19 +13,19 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def problems(returncode: int, stdout: str, stderr: str) -> list[str]:
-    """What is wrong with one run's output (empty: it keeps the rule)."""
+    """What is wrong with one run's output, each as ``kind: detail`` (empty: it keeps the rule)."""
     found = []
     if "Traceback (most recent call last)" in stdout + stderr:
-        found.append("traceback")
+        found.append("traceback: on stdout or stderr")
     if returncode not in (0, 1):
-        found.append(f"exit status {returncode}")
+        found.append(f"exit-status: {returncode}")
     if returncode == 1:
         if not stdout.endswith("\n") or stdout.count("\n") != 1:
-            found.append(f"not exactly one line on stdout: {stdout!r}")
+            found.append(f"multi-line: not exactly one line on stdout: {stdout!r}")
         elif _CONTROL.search(stdout[:-1]):
-            found.append(f"control character on stdout: {stdout!r}")
+            found.append(f"control-character: on stdout: {stdout!r}")
         if stdout.startswith("internal error"):
-            found.append(f"internal error: {stdout!r}")
+            found.append(f"internal-error: {stdout!r}")
     return found
 
 

@@ -449,7 +449,7 @@ class Campaign:
             self.finding("hang", f"killed after {TIMEOUT}s", what)
             self.cli("check-store", "--repair")
         for problem in oneline.problems(code, out, err):
-            kind = problem.split(":")[0].split()[0]
+            kind = problem.split(":")[0]
             self.finding(kind, f"{problem}\nstdout: {out!r}\nstderr: {err[-3000:]}", what)
         if code == 0:
             self.counts["created"] += 1
