@@ -245,13 +245,27 @@ def _compress(data: bytes, kind: str) -> bytes:
     return data
 
 
+def spoil(rng: random.Random, blob: bytes) -> bytes:
+    """Compressed bytes with a few flipped or cut off: the decompressors' error paths."""
+    out = bytearray(blob)
+    if out and rng.random() < 0.7:
+        for _ in range(rng.randint(1, 4)):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+    else:
+        del out[rng.randrange(len(out) + 1) :]
+    return bytes(out)
+
+
 def write_layout(rng: random.Random, path: str, tars: list[bytes], mutate: str) -> str:
     """An OCI layout of *tars*; *mutate* names the JSON document to spoil, if any."""
     os.makedirs(os.path.join(path, "blobs", "sha256"))
     layers, diff_ids = [], []
     for data in tars:
         kind = rng.choice(["gzip", "gzip", "none", "zstd"])
-        digest, size = _blob(path, _compress(data, kind))
+        blob = _compress(data, kind)
+        if kind != "none" and rng.random() < 0.15:
+            blob = spoil(rng, blob)  # digest and size still match it: only the stream is bad
+        digest, size = _blob(path, blob)
         layers.append({"mediaType": MEDIA[kind], "digest": digest, "size": size})
         diff_ids.append("sha256:" + hashlib.sha256(data).hexdigest())
     config: Any = {
@@ -419,7 +433,11 @@ class Campaign:
         if rng.random() < 0.5:
             path = os.path.join(self.inputs, f"{self.n}.tar")
             with open(path, "wb") as f:
-                f.write(_compress(tars[0], "gzip") if rng.random() < 0.3 else tars[0])
+                if rng.random() < 0.3:
+                    gzipped = _compress(tars[0], "gzip")
+                    f.write(spoil(rng, gzipped) if rng.random() < 0.3 else gzipped)
+                else:
+                    f.write(tars[0])
             url, what = path, "tarball"
             if rng.random() < 0.03:
                 what += " that is a " + make_special(rng, path)
