@@ -51,7 +51,7 @@ def loads(
         raise error(f"invalid {what}: larger than {max_bytes} bytes")
     if isinstance(data, bytes):
         try:
-            text = data.decode(json.detect_encoding(data), "surrogatepass")
+            text = data.decode(json.detect_encoding(data))
         except (UnicodeDecodeError, LookupError):
             raise error(f"invalid {what}: not JSON") from None
     else:

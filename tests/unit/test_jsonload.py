@@ -40,3 +40,8 @@ def test_documents_past_a_bound_say_which(data, message):
 def test_the_error_kind_is_the_callers():
     with pytest.raises(ConfigError):
         jsonload.loads("[" * 200, "config file", max_bytes=1024, error=ConfigError)
+
+
+def test_encoded_surrogates_are_not_json_as_for_the_json_module():
+    with pytest.raises(ImageSourceError, match="not JSON"):
+        jsonload.loads(b'{"a": "\xed\xa0\x80"}', "doc", max_bytes=1024)
