@@ -420,10 +420,15 @@ class Campaign:
         keep = os.path.join(self.findings, f"{self.n:06d}-input")
         source = os.path.join(self.inputs, str(self.n))
         for candidate in (source, source + ".tar"):
-            if os.path.isdir(candidate):
-                shutil.copytree(candidate, keep)
-            elif os.path.exists(candidate):
-                shutil.copy(candidate, keep)
+            # Links are kept as links and FIFOs skipped: copying must not block or read forever.
+            try:
+                if os.path.isdir(candidate) and not os.path.islink(candidate):
+                    shutil.copytree(candidate, keep, symlinks=True)
+                elif os.path.isfile(candidate) and not os.path.islink(candidate):
+                    shutil.copy(candidate, keep)
+            except (OSError, shutil.Error) as exc:
+                with open(keep + ".copy-error", "w") as f:
+                    f.write(str(exc))
 
     def one(self) -> None:
         self.n += 1
