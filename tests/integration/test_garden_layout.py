@@ -440,3 +440,14 @@ def test_droplet_5xx_is_retried(grootfs, xfs_store, cell, flaky):
     grootfs("create", image.url, "busy", config=cell.config(xfs_store))
     assert Path(xfs_store, "images/busy/rootfs/home/vcap/app/run.sh").exists()
     assert len([s for s in seen.seen if "/blobs/busy.tgz" in s]) == 3
+
+
+def test_silent_blobstore_counts_as_a_failed_try(grootfs, xfs_store, cell, flaky, monkeypatch):
+    _, proxy = flaky
+    seen = proxy.reset(stall_blobs=1, stall_seconds=4)
+    monkeypatch.setenv("GROOTFS_REGISTRY_TIMEOUT", "1")
+    image = _flaky_droplet(flaky, cell, "stall.tgz", b"stall")
+    grootfs("create", image.url, "stall", config=cell.config(xfs_store))
+    assert Path(xfs_store, "images/stall/rootfs/home/vcap/app/run.sh").exists()
+    gets = [s for s in seen.seen if "/blobs/stall.tgz" in s]
+    assert len(gets) == 2 and "bytes=1024-" in gets[1], gets
