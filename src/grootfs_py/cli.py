@@ -197,7 +197,9 @@ def _print(value: Any) -> None:
 def _run(args: argparse.Namespace, config: Config) -> None:
     from grootfs_py.store import Store
 
-    store = Store(config.store)
+    store = Store(
+        config.store, newuidmap_bin=config.newuidmap_bin, newgidmap_bin=config.newgidmap_bin
+    )
     command = args.command
     if command == "create":
         _create(args, config, store)
