@@ -11,7 +11,6 @@ failed create unwinds all of them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -380,14 +379,15 @@ def stats(store: Store, image_id: str) -> dict[str, Any]:
     if project_id:
         from grootfs_py import quota
 
+        if store.rootless:
+            # quotactl answers a project's usage to CAP_SYS_ADMIN only.
+            raise StoreError(
+                f"read disk usage of image `{image_id}`: it has a disk limit, and reading "
+                "an XFS project quota needs root"
+            )
         try:
             exclusive, _ = quota.usage(quota.device_of(store.path), project_id)
         except OSError as exc:
-            if store.rootless and exc.errno == errno.EPERM:
-                raise StoreError(
-                    f"read disk usage of image `{image_id}`: reading an XFS project quota "
-                    "needs root"
-                ) from None
             raise StoreError(f"read disk usage of image `{image_id}`: {exc.strerror}") from None
     else:
         diff = os.path.join(store.image_dir(image_id), "diff")

@@ -67,7 +67,9 @@ def _open(path: str) -> int:
     except OSError as exc:
         hint = ""
         if exc.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
-            hint = " (a non-root user needs a store that root initialised with its id mappings)"
+            from grootfs_py.store import NOT_YOURS
+
+            hint = NOT_YOURS
         raise StoreError(f"open lock {path}: {exc.strerror}{hint}") from None
 
 

@@ -29,6 +29,7 @@ from grootfs_py.locks import flock
 NOT_INITIALIZED = "Store path is not initialized. Please run init-store."
 LAYOUT = ("images", "volumes", "l", "meta", "meta/dependencies", "locks", "tmp", "projectids")
 INCOMPLETE = "-incomplete-"
+NOT_YOURS = " (a non-root user needs a store that root initialised with its id mappings)"
 
 
 class StoreInfo(NamedTuple):
@@ -86,8 +87,12 @@ class Store:
         return os.path.exists(self.join("meta", "namespace.json"))
 
     def require_initialized(self) -> None:
-        if not self.initialized:
-            raise StoreError(NOT_INITIALIZED)
+        try:
+            os.stat(self.join("meta", "namespace.json"))
+        except FileNotFoundError:
+            raise StoreError(NOT_INITIALIZED) from None
+        except PermissionError:
+            raise StoreError(f"read store {self.path}: Permission denied{NOT_YOURS}") from None
 
     def idmap(self) -> IdMap:
         if self._idmap is not None:
