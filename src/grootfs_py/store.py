@@ -169,11 +169,12 @@ class Store:
         """Remove every image and layer, unmount and remove the store."""
         from grootfs_py import backing, mounts, overlay
 
+        if self.rootless:
+            # Root made it (and mounted its backing file): root takes it away.
+            raise StoreError(f"store {self.path} can only be deleted by the root user")
         backing_file = backing.backing_path(self.path)
         if not os.path.exists(self.path) and not os.path.exists(backing_file):
             return
-        if self.rootless and self.initialized:
-            self.idmap()  # read now: removing the store removes the file that holds them
 
         for point in mounts.under(self.path):
             overlay.unmount(point)
