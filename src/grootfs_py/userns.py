@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -30,19 +29,27 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from grootfs_py import log
 from grootfs_py.errors import CommandError, GrootError, StoreError, UnpackError
 from grootfs_py.idmap import IdMap, map_arguments
-from grootfs_py.proc import run
 
 CLONE_NEWUSER = 0x10000000
 _CHUNK = 1 << 20
 
 if TYPE_CHECKING:
+    import subprocess
+
     from grootfs_py.store import Store
 
 
 class _Helper:
     """One helper process, mapped and released, with *stdin* open for a stream."""
 
+    proc: subprocess.Popen[bytes]
+
     def __init__(self, store: Store, op: str, args: Sequence[str], *, stdin: bool) -> None:
+        # Imported here: the helper process itself needs neither.
+        import subprocess
+
+        from grootfs_py.proc import run
+
         idmap: IdMap = store.idmap()
         level, log_file = log.settings()
         ready_r, ready_w = os.pipe()
