@@ -199,7 +199,7 @@ def _layers(store: Store) -> list[Problem]:
 
 
 def _record_size(store: Store, chain_id: str) -> None:
-    size = fsutil.content_size(store.volume_dir(chain_id))
+    size = store.content_size(store.volume_dir(chain_id))
     fsutil.write_json(store.volume_meta(chain_id), {"size": size})
 
 

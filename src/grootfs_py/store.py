@@ -259,6 +259,17 @@ class Store:
 
             userns.remove_trees(self, [path])
 
+    def content_size(self, path: str) -> int:
+        """:func:`fsutil.content_size` of *path*, walked in the user namespace if need be."""
+        try:
+            return fsutil.content_size(path)
+        except PermissionError:
+            if not self.rootless or self.idmap().identity:
+                raise
+            from grootfs_py import userns
+
+            return userns.content_size(self, path)
+
     def trash(self, path: str, label: str) -> str:
         """Rename *path* aside into tmp/ (the first phase of a two-phase delete)."""
         target = self.join("tmp", f"{label}-{os.getpid()}-{os.urandom(4).hex()}")

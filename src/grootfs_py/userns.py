@@ -158,6 +158,10 @@ def disk_usage(store: Store, path: str) -> int:
     return int(_Helper(store, "usage", [path], stdin=False).result(StoreError))
 
 
+def content_size(store: Store, path: str) -> int:
+    return int(_Helper(store, "size", [path], stdin=False).result(StoreError))
+
+
 # The helper's side ------------------------------------------------------------
 
 
@@ -190,6 +194,8 @@ def _do(idmap: IdMap, op: str, args: list[str]) -> Any:
         return None
     if op == "usage":
         return fsutil.disk_usage(args[0])
+    if op == "size":
+        return fsutil.content_size(args[0])
     raise ValueError(f"unknown operation {op}")
 
 

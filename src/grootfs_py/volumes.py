@@ -319,6 +319,6 @@ def regenerate_sizes(store: Store) -> None:
         with locks.flock(store.layer_lock(chain_id), shared=True):
             if not os.path.isdir(store.volume_dir(chain_id)):
                 continue  # removed by a clean meanwhile
-            size = fsutil.content_size(store.volume_dir(chain_id))
+            size = store.content_size(store.volume_dir(chain_id))
             fsutil.write_json(store.volume_meta(chain_id), {"size": size})
         log.info("layer size recorded", chain_id=chain_id, size=size)

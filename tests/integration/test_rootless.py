@@ -445,3 +445,27 @@ def test_a_store_root_keeps_for_itself_is_one_line(user: User, dir_store: str) -
             f"read store {dir_store}: Permission denied "
             "(a non-root user needs a store that root initialised with its id mappings)"
         ), command
+
+
+def test_user_regenerates_layer_sizes_it_cannot_read_itself(rootless: Rootless) -> None:
+    rootless.ok("create", "--without-mount", _image(rootless), "app")
+    meta = Path(rootless.store, "meta")
+    records = {p.name: p.read_text() for p in meta.glob("volume-*")}
+    assert len(records) == 2
+    for name in records:
+        (meta / name).unlink()
+    # The base layer's home/vcap is its uid 1000's, mode 0750: the user cannot list it.
+    assert rootless.ok("generate-volume-size-metadata") == ""
+    assert {p.name: p.read_text() for p in meta.glob("volume-*")} == records
+
+
+def test_newuidmap_bin_from_the_config_is_used_and_its_failure_is_one_line(
+    rootless: Rootless,
+) -> None:
+    config = json.loads(Path(rootless.config).read_text())
+    Path(rootless.config).write_text(json.dumps({**config, "newuidmap_bin": "/nonexistent/map"}))
+    message = rootless.fails("create", "--without-mount", _image(rootless), "app")
+    assert message.startswith("map the store's ids in a user namespace: ")
+    assert "/nonexistent/map" in message
+    assert rootless.volumes() == []
+    assert os.listdir(os.path.join(rootless.store, "images")) == []
