@@ -19,7 +19,8 @@ and symlinks in lower layers are not visible here as each layer has its own
 directory. A hand-made layer that writes through its own symlink is refused
 rather than silently redirected. Directories are opened ``O_RDONLY`` rather
 than ``O_PATH`` so that fchown, fchmod, fsetxattr and futimens work on the
-fds themselves (the unpacker runs as root: permissions never block the open).
+fds themselves (the unpacker runs as root, or for a non-root user as root of a
+user namespace holding every id of the layer: permissions never block the open).
 
 Within one layer a whiteout only hides lower layers: a whiteout for a name
 this layer already wrote leaves a file alone and makes a directory opaque,
