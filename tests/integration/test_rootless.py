@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -469,3 +470,30 @@ def test_newuidmap_bin_from_the_config_is_used_and_its_failure_is_one_line(
     assert "/nonexistent/map" in message
     assert rootless.volumes() == []
     assert os.listdir(os.path.join(rootless.store, "images")) == []
+
+
+def test_the_clean_started_by_create_with_clean_maps_ids_with_the_configured_binary(
+    rootless: Rootless,
+) -> None:
+    calls = rootless.log.parent / "newuidmap-calls"
+    wrapper = rootless.work / "newuidmap"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec /usr/bin/newuidmap "$@"\n')
+    wrapper.chmod(0o755)
+    config = json.loads(Path(rootless.config).read_text())
+    Path(rootless.config).write_text(json.dumps({**config, "newuidmap_bin": str(wrapper)}))
+
+    rootless.ok("create", "--without-mount", _image(rootless), "old")
+    rootless.ok("delete", "old")
+    old_layers = rootless.volumes()
+    assert len(calls.read_text().splitlines()) == 2  # one helper per layer unpacked
+    new_image = _image(rootless, "new", [[*f.busybox_layer(), f.file("new", b"new")]])
+    rootless.ok("create", "--without-mount", "--with-clean", new_image, "new")
+    deadline = time.monotonic() + 30
+    while '"message":"clean completed"' not in rootless.log.read_text():
+        assert time.monotonic() < deadline, "the detached clean did not finish"
+        time.sleep(0.1)
+    assert not set(old_layers) & set(rootless.volumes())
+    assert os.listdir(os.path.join(rootless.store, "tmp")) == []
+    # One more unpack, and the clean removing the old base layer (its home/vcap
+    # is uid 1000's) through the configured binary.
+    assert len(calls.read_text().splitlines()) == 4
