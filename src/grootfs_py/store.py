@@ -128,7 +128,8 @@ class Store:
         from grootfs_py import backing, mounts
 
         if self.rootless:
-            raise StoreError(f"store {self.path} can only be initialized by the root user")
+            # GrootFS's words.
+            raise StoreError(f"store {self.path} can only be initialized by Root user")
         quotas = False
         backing_file: str | None = None
         if size_bytes > 0:
@@ -171,7 +172,7 @@ class Store:
 
         if self.rootless:
             # Root made it (and mounted its backing file): root takes it away.
-            raise StoreError(f"store {self.path} can only be deleted by the root user")
+            raise StoreError(f"store {self.path} can only be deleted by Root user")
         backing_file = backing.backing_path(self.path)
         if not os.path.exists(self.path) and not os.path.exists(backing_file):
             return

@@ -258,10 +258,10 @@ def test_init_store_gives_the_store_and_its_layout_to_the_user(rootless: Rootles
         assert (st.st_uid, st.st_gid) == (u.uid, u.gid), sub
     # The user cannot make init-store rewrite its mappings, nor unmount the store.
     assert rootless.fails("init-store") == (
-        f"store {rootless.store} can only be initialized by the root user"
+        f"store {rootless.store} can only be initialized by Root user"
     )
     assert rootless.fails("delete-store") == (
-        f"store {rootless.store} can only be deleted by the root user"
+        f"store {rootless.store} can only be deleted by Root user"
     )
     assert sorted(os.listdir(rootless.store)) == sorted(
         ["images", "volumes", "l", "meta", "locks", "tmp", "projectids"]
