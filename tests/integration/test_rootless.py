@@ -380,8 +380,19 @@ def test_runc_runs_the_users_image_as_root_with_the_users_mappings(
         assert _run("umount", rootfs).returncode == 0
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["0", "1000:1000", "upper", "ok"]
-    # Root's overlay left its own work directory: root deletes this one.
-    assert grootfs("delete", "app", store=rootless.store).stdout.strip() == "Image app deleted"
+    # Root's overlay left its work directory (root's, an id outside the user's
+    # mappings): the user's delete takes the image out of use but cannot remove
+    # that, its clean carries on past it, root's clean removes it.
+    assert rootless.fails("delete", "app").endswith(
+        "belongs to an id outside the store's mappings: only root can remove it"
+    )
+    assert rootless.ok("list").strip() == "Store empty"
+    assert rootless.ok("clean").strip() == "clean completed"
+    assert "cannot remove leftover without root" in rootless.log.read_text()
+    assert rootless.volumes() == []
+    assert len(os.listdir(os.path.join(rootless.store, "tmp"))) == 1
+    assert grootfs("clean", store=rootless.store).stdout.strip() == "clean completed"
+    assert os.listdir(os.path.join(rootless.store, "tmp")) == []
 
 
 def test_what_needs_root_says_so_in_one_line_and_changes_nothing(
