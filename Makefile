@@ -15,7 +15,8 @@ MAKEFLAGS += --no-builtin-rules
 #   docker-registry the real registry the registry tests, demo and benchmark start on loopback
 #   apache2-utils   htpasswd, for the registry's basic-auth variant
 #   podman          the registry benchmark's peer
-APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo \
+#   uidmap          newuidmap/newgidmap: rootless unpacks in a user namespace (and their tests)
+APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo uidmap \
 	docker-registry apache2-utils podman
 # The BOSH release's tests: ruby renders the job templates (ERB); the rest
 # compile the release's packages as a stemcell's compilation VM would.
