@@ -19,12 +19,14 @@ _threshold = LEVELS["info"]
 _stream: IO[str] = sys.stderr
 _owned: IO[str] | None = None
 _session: dict[str, Any] = {}
+_path: str | None = None
 
 
 def configure(level: str, path: str | None = None, **session: Any) -> None:
     """Set the minimum level, the destination, and values added to every line."""
-    global _threshold, _stream, _owned
+    global _threshold, _stream, _owned, _path
     _threshold = LEVELS[level]
+    _path = path or None
     if path:
         parent = os.path.dirname(path)
         if parent:
@@ -34,6 +36,12 @@ def configure(level: str, path: str | None = None, **session: Any) -> None:
         _stream = _owned
     _session.clear()
     _session.update(session)
+
+
+def settings() -> tuple[str, str | None]:
+    """The configured level and log file, for a helper process to log alike."""
+    level = next(name for name, n in LEVELS.items() if n == _threshold)
+    return level, _path
 
 
 def close() -> None:
