@@ -38,7 +38,7 @@ def run_parser(
     os.makedirs(corpus, exist_ok=True)
     argv = [
         sys.executable,
-        os.path.join(HERE, "coverage.py"),
+        os.path.join(HERE, "guided.py"),
         target,
         findings,
         "-timeout=10",  # one input running longer is a hang

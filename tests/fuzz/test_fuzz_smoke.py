@@ -25,7 +25,7 @@ def test_coverage_guided_target_finds_nothing(tmp_path, target):
     corpus.mkdir()
     argv = [
         sys.executable,
-        os.path.join(HERE, "coverage.py"),
+        os.path.join(HERE, "guided.py"),
         target,
         str(findings),
         f"-runs={RUNS}",

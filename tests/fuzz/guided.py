@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of one parser target with atheris (libFuzzer inside).
 
-    python tests/fuzz/coverage.py TARGET FINDINGS_DIR [libFuzzer flags] [CORPUS_DIR...]
+    python tests/fuzz/guided.py TARGET FINDINGS_DIR [libFuzzer flags] [CORPUS_DIR...]
 
 grootfs_py is imported instrumented, so libFuzzer sees which branches each
 input reaches and keeps the inputs that reach new ones. An input that makes
