@@ -91,7 +91,7 @@ spec: apt-deps
 # coverage-guided under atheris for FUZZ_SECONDS, then whole creates on a real
 # loop XFS store for FUZZ_CREATE_SECONDS; prints executions and findings per
 # target, exits 1 on any finding. `make test` runs a short seeded pass.
-FUZZ_SECONDS ?= 50
+FUZZ_SECONDS ?= 45
 FUZZ_CREATE_SECONDS ?= 300
 fuzz: deps require-root
 	$(PY) tests/fuzz/fuzz.py --seconds $(FUZZ_SECONDS) --create-seconds $(FUZZ_CREATE_SECONDS)

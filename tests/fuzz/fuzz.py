@@ -26,8 +26,14 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-PARSERS = ["tar", "image-json", "reference", "config", "json-bounds"]
-DICTS = {"tar": "tar.dict", "image-json": "json.dict", "json-bounds": "json.dict"}
+PARSERS = ["tar", "unpack", "image-json", "reference", "config", "json-bounds"]
+DICTS = {
+    "tar": "tar.dict",
+    "unpack": "tar.dict",
+    "image-json": "json.dict",
+    "json-bounds": "json.dict",
+}
+SEEDS = {"unpack": "tar"}  # the unpacker starts from the tar reader's seeds
 
 
 def run_parser(
@@ -51,7 +57,7 @@ def run_parser(
         argv.append(f"-seed={seed}")
     if target in DICTS:
         argv.append(f"-dict={os.path.join(HERE, DICTS[target])}")
-    argv += [corpus, os.path.join(HERE, "corpus", target)]
+    argv += [corpus, os.path.join(HERE, "corpus", SEEDS.get(target, target))]
     start = time.monotonic()
     result = subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
@@ -124,7 +130,7 @@ def run_creates(out: str, seconds: float, runs: int, seed: int | None, jobs: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=50, help="per parser target")
+    parser.add_argument("--seconds", type=float, default=45, help="per parser target")
     parser.add_argument("--create-seconds", type=float, default=300)
     parser.add_argument("--runs", type=int, default=0, help="inputs per parser target instead")
     parser.add_argument("--create-runs", type=int, default=0, help="creates instead of seconds")

@@ -47,6 +47,11 @@ def main() -> None:
                 f.write(f"target {name}\n{traceback.format_exc()}")
             print(f"FINDING {key}", file=sys.stderr, flush=True)
 
+    if name == "unpack":
+        import sandbox
+
+        corpora = [a for a in sys.argv[3:] if not a.startswith("-")]
+        targets.SANDBOX = sandbox.enter([findings, *corpora[:1]])
     atheris.Setup([sys.argv[0], *sys.argv[3:]], one_input)
     atheris.Fuzz()
 

@@ -10,6 +10,8 @@ print as one line.
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from collections.abc import Callable
 
 from grootfs_py import cli, config, jsonload, tarstream
@@ -102,10 +104,39 @@ def json_bounds(data: bytes) -> None:
         _one_line(str(exc))
 
 
+# Set by guided.py to a scratch tmpfs inside a read-only mount namespace (sandbox.py).
+SANDBOX = ""
+
+
+def unpack(data: bytes) -> None:
+    """The unpacker, as root: entries into a fresh directory; nothing may land outside it."""
+    from grootfs_py import fsutil
+    from grootfs_py.idmap import IdMap
+    from grootfs_py.unpack import unpack_layer
+
+    if not SANDBOX:
+        raise RuntimeError("the unpack target runs only inside sandbox.enter()")
+    top = tempfile.mkdtemp(dir=SANDBOX)
+    dest = os.path.join(top, "layer")
+    os.mkdir(dest)
+    try:
+        unpack_layer(io.BytesIO(data), dest, IdMap.of((), ()), layer="sha256:fuzz")
+    except GrootError as exc:
+        _one_line(str(exc))
+        if "Read-only file system" in str(exc):
+            raise Finding(f"a write outside the layer: {exc}") from None
+    finally:
+        beside = os.listdir(top)
+        fsutil.remove_tree(top)
+    if beside != ["layer"] or os.listdir(SANDBOX):
+        raise Finding(f"the unpack wrote beside its layer: {beside}")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "tar": tar,
     "image-json": image_json,
     "reference": image_reference,
     "config": config_file,
     "json-bounds": json_bounds,
+    "unpack": unpack,
 }
