@@ -46,6 +46,8 @@ def configure(endpoint: str) -> None:
     host, sep, port_text = endpoint.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address takes brackets, as Go's host:port does
     if host == "localhost":
         host = "127.0.0.1"
     family = 0
