@@ -8,8 +8,8 @@ fields, three metric fields) so that no protobuf library is imported.
 
 Metrics are recorded while a command runs (a list append) and sent by
 :func:`flush` once its answer is out. Nothing here raises: a metric that
-cannot be sent is dropped, and the first failure is logged once. Without an
-endpoint every call returns at once.
+cannot be sent is dropped, with one error line for the whole command.
+Without an endpoint every call returns at once.
 
 The endpoint must be an IP address (or ``localhost``) and a port: a host name
 would need a DNS lookup on every plugin call, which can block for seconds.
