@@ -55,6 +55,7 @@ def grootfs(store: str, *args: str) -> None:
         [*GROOTFS, "--store", store, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # the JSON log
         check=True,
     )
 

@@ -41,7 +41,8 @@ def configure(endpoint: str) -> None:
     _pending.clear()
     if not endpoint:
         return
-    import socket
+    # The C module: the socket package costs milliseconds to import (selectors, enum...).
+    import _socket as socket
 
     host, sep, port_text = endpoint.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
@@ -171,7 +172,7 @@ def flush() -> None:
     """Send what was recorded, one datagram each, never blocking and never raising."""
     if _target is None or not _pending:
         return
-    import socket
+    import _socket as socket
 
     batch = list(_pending)
     _pending.clear()
@@ -181,12 +182,14 @@ def flush() -> None:
         log.error("send metrics: open socket", endpoint=_endpoint_text(), error=exc.strerror)
         return
     failure: OSError | None = None
-    with sock:
+    try:
         for datagram in batch:
             try:
                 sock.sendto(datagram, _target)
             except OSError as exc:  # full buffer, no route, refused: the metric is lost
                 failure = failure or exc
+    finally:
+        sock.close()
     if failure is not None:
         log.error(
             "send metrics: some were dropped",
