@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -69,10 +71,17 @@ def images(tmp_path):
     }
 
 
-def _run(grootfs, agent, store, *args, until=None, check=True):
-    """Run one command with the agent's endpoint; its result, what arrived, and when."""
+def _run(grootfs, agent, store, *args, until=None, check=True, via_config=False):
+    """Run one command with the agent's endpoint; its result, what arrived, and when.
+
+    The endpoint goes as --metron-endpoint, or *via_config* as the config file's key.
+    """
     before = time.time_ns()
-    result = grootfs("--metron-endpoint", agent.endpoint, *args, store=store, check=check)
+    if via_config:
+        config = {"metron_endpoint": agent.endpoint}
+        result = grootfs(*args, store=store, check=check, config=config)
+    else:
+        result = grootfs("--metron-endpoint", agent.endpoint, *args, store=store, check=check)
     after = time.time_ns()
     got = agent.receive(until, timeout=10, quiet=0.3)
     for m in got:
@@ -159,7 +168,7 @@ def test_a_cold_create_sends_what_grootfs_sends_with_true_values(grootfs, xfs_st
 
 def test_a_warm_create_sends_no_layer_pull_metrics(grootfs, xfs_store, agent, images):
     grootfs("create", images["one"].ref, "c1", store=xfs_store)
-    _, got, _ = _run(grootfs, agent, xfs_store, "create", images["one"].ref, "c2")
+    _, got, _ = _run(grootfs, agent, xfs_store, "create", images["one"].ref, "c2", via_config=True)
     assert Counter(a.names(got)) == Counter(
         ["ImageCreationTime", "SharedLockingTime", *STORE_SIZES, *CACHE, *AFTER_CREATE]
     )
@@ -355,3 +364,44 @@ def test_nothing_is_imported_for_metrics_without_an_endpoint(xfs_store, images, 
     assert imported("--metron-endpoint", f"127.0.0.1:{_closed_port()}") == (
         "['_socket', 'grootfs_py.usage']"
     )
+
+
+@pytest.fixture
+def quota_store(grootfs, require_root):
+    """A store whose file system enforces XFS project quotas (the VM tier)."""
+    parent = tempfile.mkdtemp(prefix="grootfs-metrics-quota-")
+    store = os.path.join(parent, "store")
+    grootfs("init-store", "--store-size-bytes", str(1 << 30), store=store)
+    try:
+        with open(os.path.join(store, "meta", "store.json")) as fh:
+            assert json.load(fh)["quotas"], "no XFS project quotas here: tests/vm/run -m xfs_quota"
+        yield store
+    finally:
+        grootfs("delete-store", store=store)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.mark.xfs_quota
+def test_committed_quota_is_the_sum_of_the_images_disk_quotas(grootfs, quota_store, agent, images):
+    one, two = images["one"], images["two"]
+    limit_one, limit_two = 50 << 20, 30 << 20
+    grootfs("create", "--disk-limit-size-bytes", str(limit_one), one.ref, "c1", store=quota_store)
+    _, got, _ = _run(
+        grootfs,
+        agent,
+        quota_store,
+        "create",
+        "--disk-limit-size-bytes",
+        str(limit_two),
+        "--exclude-image-from-quota",
+        two.ref,
+        "c2",
+    )
+    v = _by_name(got)
+    # c1's limit includes its layers (its project gets the rest); c2's excludes them.
+    expected = (limit_one - _on_disk(quota_store, one.chain_ids)) + limit_two
+    assert v["CommittedQuotaInBytes"] == expected
+    size, _ = _fs(quota_store)
+    layers = v["DownloadedLayersSizeInBytes"]
+    assert layers == _on_disk(quota_store, [*one.chain_ids, two.chain_ids[1]])
+    assert v["DiskCommittedPercentage"] == pytest.approx(100 * (layers + expected) / size)
