@@ -32,8 +32,7 @@ def test_the_rules_cover_exactly_the_job_specs_properties_and_defaults():
     declared = job_spec("grootfs")["properties"]
     assert sorted(properties.RULES) == sorted(declared)
     for name, (_, default) in properties.RULES.items():
-        # A property without a default (a removed one) is None until set.
-        assert (declared[name] or {}).get("default") == default, name
+        assert declared[name]["default"] == default, name
 
 
 def test_defaults_are_valid_and_typed():
