@@ -20,7 +20,7 @@ describe 'the grootfs job' do
       assert_equal '/var/vcap/data/grootfs/store/unprivileged', c['store']
       assert_equal 'info', c['log_level']
       assert_equal '/var/vcap/sys/log/grootfs/grootfs.log', c['log_file']
-      assert_equal '', c['metrics_endpoint']
+      assert_equal '127.0.0.1:3457', c['metron_endpoint']
       assert_equal({ 'with_clean' => false, 'without_mount' => false, 'insecure_registries' => [],
                      'clean_log_file' => '/var/vcap/sys/log/grootfs/grootfs.clean.log' }, c['create'])
       assert_equal({ 'threshold_bytes' => 0 }, c['clean'])
@@ -31,17 +31,17 @@ describe 'the grootfs job' do
       c = config('config/grootfs_config.yml.erb', 'grootfs' => {
                    'log_level' => 'debug', 'skip_mount' => true, 'experimental_direct_io' => true,
                    'insecure_docker_registry_list' => ['registry.local:5000', 'mirror'],
-                   'metrics_endpoint' => '127.0.0.1:8125'
+                   'dropsonde_port' => 3458
                  })
       assert_equal 'debug', c['log_level']
       assert_equal true, c['create']['without_mount']
       assert_equal ['registry.local:5000', 'mirror'], c['create']['insecure_registries']
       assert_equal true, c['init']['with_direct_io']
-      assert_equal '127.0.0.1:8125', c['metrics_endpoint']
+      assert_equal '127.0.0.1:3458', c['metron_endpoint']
     end
 
     it 'uses only keys the image-plugin contract defines' do
-      keys = %w[store log_level log_file metrics_endpoint newuidmap_bin newgidmap_bin create clean init]
+      keys = %w[store log_level log_file metron_endpoint newuidmap_bin newgidmap_bin create clean init]
       nested = {
         'create' => %w[with_clean without_mount disk_limit_size_bytes exclude_image_from_quota
                        skip_layer_validation insecure_registries clean_log_file

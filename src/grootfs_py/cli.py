@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from grootfs_py import log
+from grootfs_py import log, metrics
 from grootfs_py.config import Config
 from grootfs_py.errors import GrootError, InvalidArgumentError
 
@@ -106,7 +106,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         _check_store_arguments,
     ),
 }
-_GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file")
+_GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file", "--metron-endpoint")
 
 
 def command_of(argv: Sequence[str]) -> str | None:
@@ -142,6 +142,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--store", help="store path (overrides the config file)")
     parser.add_argument("--log-level", choices=("debug", "info", "error", "fatal"))
     parser.add_argument("--log-file", help="write JSON log lines here instead of stderr")
+    parser.add_argument("--metron-endpoint", help="send metrics to this ip:port (dropsonde, UDP)")
     # An explicit prog spares argparse formatting a usage line to make one.
     commands = parser.add_subparsers(
         dest="command", metavar="command", parser_class=_Parser, prog="grootfs"
@@ -157,7 +158,10 @@ def _configure(args: argparse.Namespace) -> Config:
     from grootfs_py import config as config_module
 
     config = config_module.load(args.config).override(
-        store=args.store, log_level=args.log_level, log_file=args.log_file
+        store=args.store,
+        log_level=args.log_level,
+        log_file=args.log_file,
+        metron_endpoint=args.metron_endpoint,
     )
     if args.command == "create":
         config = config.override(
@@ -211,6 +215,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
             _print(f"Image `{args.image}` not found. Skipping delete.")
         else:
             _print(f"Image {deleted} deleted")
+            if metrics.enabled():
+                from grootfs_py import usage
+
+                usage.send_layers(store)
     elif command == "stats":
         from grootfs_py import images
 
@@ -236,6 +244,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
                 "already running": "clean already running",
             }[outcome]
         )
+        if metrics.enabled() and outcome != "already running":
+            from grootfs_py import usage
+
+            usage.send_layers(store)
     elif command == "capacity":
         _print({"capacity": config.init.store_size_bytes})
     elif command == "init-store":
@@ -294,6 +306,10 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
     _print(spec)
     if config.create.with_clean:
         _spawn_clean(config, args.config)
+    if metrics.enabled():
+        from grootfs_py import usage
+
+        usage.send_after_create(store, with_clean=config.create.with_clean)
 
 
 def _spawn_clean(config: Config, config_path: str | None = None) -> None:
@@ -318,6 +334,8 @@ def _spawn_clean(config: Config, config_path: str | None = None) -> None:
     ]
     if log_file:
         argv += ["--log-file", log_file]
+    if config.metron_endpoint:
+        argv += ["--metron-endpoint", config.metron_endpoint]
     argv += [
         "clean",
         "--threshold-bytes",
@@ -344,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(command_of(argv)).parse_args(argv)
         config = _configure(args)
         log.configure(config.log_level, config.log_file or None, command=args.command)
+        if config.metron_endpoint:
+            metrics.configure(config.metron_endpoint)
         _run(args, config)
     except GrootError as exc:
         message = str(exc)
@@ -354,5 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print("interrupted")
         return 1
     finally:
+        # After the answer: what was recorded goes out even when the command failed.
+        metrics.SHARED_LOCKS.record_total()
+        metrics.EXCLUSIVE_LOCKS.record_each()
+        metrics.flush()
         log.close()
     return 0

@@ -316,3 +316,81 @@ def test_restart_and_reboot_keep_the_stores_and_their_images(cell, oci_image):
     listed = cell.grootfs("unprivileged", "list").split()
     assert listed == [f"{STORES['unprivileged']}/images/survivor"]
     assert cell.grootfs("unprivileged", "delete", "survivor").startswith("Image ")
+
+
+# A fake loggregator agent for the metrics test: run in a network namespace of
+# its own (inside the cell's mount namespace) so that it can take the agent's
+# real port, 127.0.0.1:3457, which the job renders into both configs. It runs
+# Garden's calls, waits for the cleans they start, and prints every datagram.
+_AGENT = """
+import json, os, socket, subprocess, sys, time
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 3457))
+answers = [subprocess.run(argv, capture_output=True, text=True).returncode
+           for argv in json.loads(sys.argv[1])]
+deadline = time.monotonic() + 60
+def cleans_running():
+    found = False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+        except OSError:
+            continue
+        found = found or (b"clean" in argv and b"--metron-endpoint" in argv)
+    return found
+while cleans_running() and time.monotonic() < deadline:
+    time.sleep(0.05)
+sock.settimeout(0.5)
+datagrams = []
+while True:
+    try:
+        datagrams.append(sock.recv(65536).hex())
+    except TimeoutError:
+        break
+print(json.dumps({"answers": answers, "datagrams": datagrams}))
+"""
+
+
+def test_a_fake_loggregator_agent_on_port_3457_receives_the_creates_and_deletes_metrics(
+    cell, oci_image
+):
+    import sys
+    from collections import Counter
+
+    import agent
+
+    for store in STORES:
+        assert cell.config(store)["metron_endpoint"] == "127.0.0.1:3457"
+    calls = [
+        [GROOTFS, "--config", CONFIGS[store], *args]
+        for store in STORES
+        for args in (("create", oci_image, f"metrics-{store}"), ("delete", f"metrics-{store}"))
+    ]
+    out = cell.run(["unshare", "--net", sys.executable, "-c", _AGENT, json.dumps(calls)]).stdout
+    report = json.loads(out)
+    assert report["answers"] == [0, 0, 0, 0]
+    got = [agent.decode(bytes.fromhex(d)) for d in report["datagrams"]]
+
+    names = Counter(agent.names(got))
+    # Per store: a create (pre-start sets create.with_clean, so its clean sends
+    # the layer sizes), that clean, and a delete. The image's layers were
+    # pulled by earlier tests' creates or are pulled now: both are right.
+    assert names["ImageCreationTime"] == 2
+    assert names["ImageDeletionTime"] == 2
+    assert names["ImageCleanTime"] == 2
+    assert names["UsedBackingStoreInBytes"] == 2
+    assert names["CommittedQuotaInBytes"] == 2
+    assert names["UsedLayersSize"] == names["UnusedLayersSize"] == 4  # two cleans, two deletes
+    assert names["DownloadTime"] == names["UnpackTime"] <= 4
+    for m in got:
+        if m.name.endswith("Time"):
+            assert m.unit == "nanos" and m.value > 0, m
+        elif m.name.endswith("Percentage"):
+            assert m.unit == "percentage" and 0 <= m.value <= 100, m
+        elif m.name == "OldestUnusedLayerAge":
+            assert m.unit == "seconds" and m.value >= 0, m
+        else:
+            assert m.unit == "bytes" and m.value >= 0, m
+    backing = [m.value for m in got if m.name == "UsedBackingStoreInBytes"]
+    assert all(v > 0 for v in backing)
