@@ -285,6 +285,7 @@ class Server:
             os.unlink(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         listener.bind(self.path)
+        os.chmod(self.path, 0o600)  # the directory already keeps others out; twice is cheap
         listener.listen(128)
         self.listener = listener
 
