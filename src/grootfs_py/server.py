@@ -481,10 +481,16 @@ class Server:
         os.closerange(4, os.sysconf("SC_OPEN_MAX"))
         conn.sock = socket.socket(fileno=3)
         os.umask(request.umask)
-        os.environ.clear()
-        os.environ.update(request.env)
+        _replace_environ(request.env)
         sys.argv = ["grootfs", *request.argv]
-        _reopen_stdio()
+        if sys.stdin is None or sys.stdout is None or sys.stderr is None:
+            _reopen_stdio()  # the server started without them
+        else:
+            # The server's streams, flushed before the fork, now write to the
+            # caller's descriptors; stdout is line-buffered on a terminal only,
+            # as a fresh interpreter's would be.
+            sys.stdout.reconfigure(line_buffering=os.isatty(1))  # type: ignore[union-attr]
+            log.close()  # log writes to sys.stderr as it is now
         return 0
 
     def _from_running(self, conn: _Conn) -> None:
@@ -574,6 +580,19 @@ def _run_command(argv: list[str]) -> int:
     with contextlib.suppress(OSError):
         sys.stderr.flush()
     return code
+
+
+def _replace_environ(env: dict[str, str]) -> None:
+    """Make os.environ (and the C environment) *env*, touching only what differs.
+
+    Cheaper than clear() and update(): a caller's environment is mostly the
+    server's.
+    """
+    for name in [name for name in os.environ if name not in env]:
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def _reopen_stdio() -> None:
