@@ -570,3 +570,22 @@ def _without_proxies(env) -> dict[str, str]:
         for k, v in env.items()
         if k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
     }
+
+
+def test_a_dead_forker_costs_speed_only_and_is_replaced(own_server, dir_store):
+    forkers = fs.children_of(own_server.pid)
+    assert len(forkers) == 2
+    for forker in forkers:
+        os.kill(forker, signal.SIGKILL)
+    fs.wait_until(
+        lambda: own_server.log().count('"message":"forker died') == 2, what="the deaths noticed"
+    )
+    # The server forks the commands itself meanwhile (the fallback points nowhere).
+    listed = run_shim(own_server, "list", store=dir_store)
+    assert (listed.returncode, listed.stdout) == (0, "Store empty\n")
+    # Both are started again (RESTART_INTERVAL after the last start) and serve.
+    fs.wait_until(
+        lambda: own_server.log().count('"message":"forker ready"') == 4, what="new forkers"
+    )
+    assert len(fs.children_of(own_server.pid)) == 2
+    assert run_shim(own_server, "list", store=dir_store).returncode == 0
