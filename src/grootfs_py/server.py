@@ -292,14 +292,14 @@ def _take_callers_place(conn: int, fds: Sequence[int], request: _Request) -> int
     signal.signal(signal.SIGINT, signal.default_int_handler)
     log.close()
     log.configure("info")
-    os.dup2(stdin, 0)
-    os.dup2(stdout, 1)
-    os.dup2(stderr, 2)
+    cwd_error = None
     try:
         os.fchdir(cwd)
     except OSError as exc:
-        os.write(2, f"grootfs: cannot enter the working directory: {exc}\n".encode())
-        return 1
+        cwd_error = exc
+    os.dup2(stdin, 0)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
     # Only 0, 1, 2 and this request's connection (as 3) stay open: no other
     # request's descriptors, no listener, no lock. The forking process gave
     # up its socket objects' descriptors (detach) so that no finalizer closes
@@ -307,6 +307,9 @@ def _take_callers_place(conn: int, fds: Sequence[int], request: _Request) -> int
     if conn != 3:
         os.dup2(conn, 3, inheritable=False)
     os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    if cwd_error is not None:
+        os.write(2, f"grootfs: cannot enter the working directory: {cwd_error}\n".encode())
+        return 1
     os.umask(request.umask)
     _replace_environ(request.env)
     sys.argv = ["grootfs", *request.argv]
