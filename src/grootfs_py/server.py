@@ -755,7 +755,13 @@ class Server:
             return
         from grootfs_py.cli import command_of
 
-        forker = self.forkers["create" if command_of(request.argv) == "create" else "lean"]
+        command = command_of(request.argv)
+        if command == "serve":
+            # A server is not a command to fork: the shim runs the Python one.
+            log.info("refused a serve request")
+            self._drop(conn)
+            return
+        forker = self.forkers["create" if command == "create" else "lean"]
         if not self._hand_over(conn, forker):
             self._fork_here(conn)
 

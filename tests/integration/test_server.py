@@ -463,6 +463,14 @@ except OSError as exc:
 """
 
 
+def test_a_serve_request_is_not_forked_but_left_to_the_python_command(server, tmp_path):
+    result = run_shim(server, "serve", "--socket", str(tmp_path / "run" / "other.sock"))
+    # Refused unanswered, so the shim fell back, here to a command that does not exist.
+    assert result.returncode == 1
+    assert result.stdout == f"grootfs-shim: cannot run {fs.NO_CLI}: No such file or directory\n"
+    assert "refused a serve request" in server.log()
+
+
 # -- fallback ------------------------------------------------------------------
 
 
