@@ -657,6 +657,16 @@ class Server:
                     self._drop(conn)  # still sending: its shim falls back
             if self.stopping > 1 or (self.stopping and not self._running()):
                 return
+            # Restarts first: a forker started here must have its control
+            # socket in this round's poll, or its "ready" waits for the next event.
+            now = time.monotonic()
+            deadlines = [c.deadline for c in self.conns.values() if not c.pid and not c.forker]
+            for forker in self.forkers.values():
+                if forker.ctl is None and not self.stopping:
+                    if now - forker.started >= RESTART_INTERVAL:
+                        forker.start(self._sockets())
+                    else:
+                        deadlines.append(forker.started + RESTART_INTERVAL)
             wanted = {self.wake_r: select.POLLIN}
             if self.listener is not None:
                 wanted[self.listener.fileno()] = select.POLLIN
@@ -670,14 +680,6 @@ class Server:
             for fd, mask in wanted.items():
                 poller.register(fd, mask)
             registered = set(wanted)
-            now = time.monotonic()
-            deadlines = [c.deadline for c in self.conns.values() if not c.pid and not c.forker]
-            for forker in self.forkers.values():
-                if forker.ctl is None and not self.stopping:
-                    if now - forker.started >= RESTART_INTERVAL:
-                        forker.start(self._sockets())
-                    else:
-                        deadlines.append(forker.started + RESTART_INTERVAL)
             timeout = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
             for fd, events in poller.poll(timeout):
                 if fd == self.wake_r:
