@@ -143,9 +143,17 @@ class _Helper:
         raise error(f"user namespace helper exited with status {self.proc.returncode}")
 
 
-def unpack(store: Store, stream: BinaryIO, dest: str, *, layer: str) -> int:
+def unpack(
+    store: Store,
+    stream: BinaryIO,
+    dest: str,
+    *,
+    layer: str,
+    base_directory: str = "",
+    parent: str = "",
+) -> int:
     """Unpack the tar *stream* into *dest* in the store's user namespace; its size in bytes."""
-    helper = _Helper(store, "unpack", [dest, layer], stdin=True)
+    helper = _Helper(store, "unpack", [dest, layer, base_directory, parent], stdin=True)
     helper.feed(stream)
     return int(helper.result(UnpackError))
 
@@ -178,10 +186,18 @@ def _do(idmap: IdMap, op: str, args: list[str]) -> Any:
     if op == "unpack":
         from grootfs_py.unpack import unpack_layer
 
-        dest, layer = args
+        dest, layer, base_directory, parent = args
         os.chown(dest, 0, 0)  # the namespace's root: the store's mapped root
         stdin = sys.stdin.buffer
-        return unpack_layer(stdin, dest, idmap.inside(), layer=layer, rootless=True).size_bytes
+        return unpack_layer(
+            stdin,
+            dest,
+            idmap.inside(),
+            layer=layer,
+            rootless=True,
+            base_directory=base_directory,
+            parent=parent,
+        ).size_bytes
     if op == "remove":
         for path in args:
             try:
