@@ -63,7 +63,7 @@ def _lock_waits(log_path):
     waits = []
     for line in log_path.read_text().splitlines():
         record = json.loads(line)
-        if record["message"] == "lock waited":
+        if record["message"].endswith(".lock-waited"):
             waits.append(record["data"]["waited_s"])
     return waits
 
