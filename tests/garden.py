@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import re
-from dataclasses import dataclass
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 # --------------------------------------------------------------------------
@@ -214,3 +218,281 @@ def relog(stderr: str) -> list[Relogged]:
             garden_level = {0: "debug", 1: "info"}.get(entry.level, "error")
             out.append(Relogged(garden_level, entry.message, entry.data, entry))
     return out
+
+
+# --------------------------------------------------------------------------
+# Garden's image-plugin client
+# --------------------------------------------------------------------------
+
+PRELOADED_PLUS_LAYER = "preloaded+layer:"
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+class GardenError(Exception):
+    """A Garden API error: the text an operator (and Diego) sees."""
+
+
+def local_runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+
+
+@dataclass(frozen=True)
+class PluginCall:
+    """One run of the plugin: its argv, exit status, stdout, and stderr as Garden re-logged it."""
+
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    relogged: list[Relogged]
+
+    @property
+    def command(self) -> str:
+        # After Garden's extra args (--config FILE).
+        return self.argv[3]
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What Garden takes from create's stdout (a runtime-spec; it reads three fields)."""
+
+    root_path: str
+    env: list[str]
+    mounts: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Container:
+    handle: str
+    privileged: bool
+    rootfs: str
+    spec: RuntimeSpec
+
+
+def _go_uint64(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**64
+
+
+def _is_mount(m: Any) -> bool:
+    return isinstance(m, dict) and all(
+        isinstance(m.get(k, ""), str) for k in ("destination", "type", "source")
+    )
+
+
+def parse_create_output(stdout: str) -> RuntimeSpec:
+    """create's stdout as guardian decodes it into a runtime-spec (nil fields made empty)."""
+    try:
+        spec = json.loads(stdout)
+    except ValueError as exc:
+        raise GardenError(f"parsing image plugin create: {stdout}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise GardenError(f"parsing image plugin create: {stdout}: not a JSON object")
+    root = spec.get("root") or {}
+    process = spec.get("process") or {}
+    mounts = spec.get("mounts") or []
+    path = root.get("path", "") if isinstance(root, dict) else None
+    env = (process.get("env") or []) if isinstance(process, dict) else None
+    if (
+        not isinstance(path, str)
+        or not isinstance(env, list)
+        or not all(isinstance(e, str) for e in env)
+        or not isinstance(mounts, list)
+        or not all(_is_mount(m) for m in mounts)
+    ):
+        raise GardenError(f"parsing image plugin create: {stdout}: wrong field types")
+    return RuntimeSpec(root_path=path, env=env, mounts=mounts)
+
+
+def parse_stats_output(stdout: str) -> tuple[int, int]:
+    """stats' stdout as guardian decodes it: map[string]map[string]uint64, two fields read."""
+    try:
+        stats = json.loads(stdout)
+    except ValueError as exc:
+        raise GardenError(f"parsing stats: {stdout}: {exc}") from None
+    # Every value must fit the Go type, not only the two Garden reads.
+    if not isinstance(stats, dict) or not all(
+        v is None or (isinstance(v, dict) and all(n is None or _go_uint64(n) for n in v.values()))
+        for v in stats.values()
+    ):
+        raise GardenError(f"parsing stats: {stdout}: not a map of maps of uint64")
+    usage = stats.get("disk_usage") or {}
+    return usage.get("total_bytes_used") or 0, usage.get("exclusive_bytes_used") or 0
+
+
+@dataclass
+class Garden:
+    """Garden's side of the image plugin, per garden-cell.md.
+
+    ``plugin`` is the plugin binary (Garden's ``image_plugin`` and
+    ``privileged_image_plugin`` are one binary here, as in garden-runc-release
+    with GrootFS); ``configs`` are the unprivileged and privileged store
+    configs, passed as the extra args ``--config FILE``; ``depot`` is where
+    Garden writes a two-layer app's OCI layout. ``run`` runs one argv to
+    completion (the simulated cell passes one that enters its namespace).
+    """
+
+    plugin: str
+    unprivileged_config: str
+    privileged_config: str
+    depot: str
+    run: Runner = local_runner
+    calls: list[PluginCall] = field(default_factory=list)
+    containers: dict[str, Container] = field(default_factory=dict)
+
+    def _config(self, privileged: bool) -> str:
+        return self.privileged_config if privileged else self.unprivileged_config
+
+    def _call(self, config: str, *args: str) -> PluginCall:
+        argv = [self.plugin, "--config", config, *args]
+        result = self.run(argv)
+        call = PluginCall(
+            argv, result.returncode, result.stdout, result.stderr, relog(result.stderr)
+        )
+        self.calls.append(call)
+        crashed = [r.entry.raw for r in call.relogged if r.garden_level == "crash"]
+        if crashed:
+            raise GardenError(
+                f"garden's relogger panics on a lager line without data: {crashed[0]}"
+            )
+        return call
+
+    @staticmethod
+    def _failed(action: str, call: PluginCall) -> GardenError:
+        # errors.Wrap(exitErr, "running image plugin <action>: <stdout>")
+        return GardenError(
+            f"running image plugin {action}: {call.stdout}: exit status {call.returncode}"
+        )
+
+    def create_argv(
+        self,
+        rootfs: str,
+        handle: str,
+        *,
+        disk_limit: int = 0,
+        exclusive: bool = False,
+        username: str = "",
+        password: str = "",
+    ) -> list[str]:
+        """The arguments after ``--config FILE`` (guardian's DefaultCommandCreator)."""
+        args = ["create"]
+        if disk_limit > 0:
+            args += ["--disk-limit-size-bytes", str(disk_limit)]
+            if exclusive:
+                args.append("--exclude-image-from-quota")
+        if username:
+            args += ["--username", username]
+        if password:
+            args += ["--password", password]
+        return [*args, rootfs.replace("#", ":", 1), handle]
+
+    def create(
+        self,
+        handle: str,
+        rootfs: str,
+        *,
+        privileged: bool = False,
+        disk_limit: int = 0,
+        exclusive: bool = False,
+        username: str = "",
+        password: str = "",
+    ) -> Container:
+        plugin_rootfs = rootfs
+        try:
+            if rootfs.startswith(PRELOADED_PLUS_LAYER):
+                plugin_rootfs = self.write_layout(handle, rootfs)
+            args = self.create_argv(
+                plugin_rootfs,
+                handle,
+                disk_limit=disk_limit,
+                exclusive=exclusive,
+                username=username,
+                password=password,
+            )
+            call = self._call(self._config(privileged), *args)
+            if call.returncode != 0:
+                raise self._failed("create", call)
+            spec = parse_create_output(call.stdout)
+        except GardenError:
+            # Garden destroys what a failed create may have left (both stores).
+            self._destroy(handle)
+            raise
+        container = Container(handle, privileged, rootfs, spec)
+        self.containers[handle] = container
+        return container
+
+    def write_layout(self, handle: str, rootfs: str) -> str:
+        """Write the OCI layout for a ``preloaded+layer:`` rootfs; the URL create gets."""
+        result = self.run(
+            [sys.executable, os.path.abspath(__file__), "write-layout", self.depot, handle, rootfs]
+        )
+        if result.returncode != 0:
+            raise GardenError(f"creating image spec: {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def _destroy(self, handle: str) -> None:
+        # Unprivileged store first, then the privileged one; the first failure stops it.
+        for config in (self.unprivileged_config, self.privileged_config):
+            call = self._call(config, "delete", handle)
+            if call.returncode != 0:
+                raise self._failed("destroy", call)
+        self.run(["rm", "-rf", os.path.join(self.depot, handle)])
+
+    def destroy(self, handle: str) -> None:
+        self._destroy(handle)
+        self.containers.pop(handle, None)
+
+    def stats(self, handle: str) -> tuple[int, int]:
+        """(total_bytes_used, exclusive_bytes_used) as Garden's bulk metrics get them.
+
+        The unprivileged store first; when that fails (a privileged container
+        is not in it) the privileged one.
+        """
+        call = self._call(self.unprivileged_config, "stats", handle)
+        if call.returncode != 0:
+            call = self._call(self.privileged_config, "stats", handle)
+            if call.returncode != 0:
+                raise self._failed("metrics", call)
+        return parse_stats_output(call.stdout)
+
+    def capacity(self) -> int:
+        """The unprivileged store's capacity (the only one Garden asks)."""
+        call = self._call(self.unprivileged_config, "capacity")
+        if call.returncode != 0:
+            raise self._failed("capacity", call)
+        try:
+            capacity = json.loads(call.stdout)
+        except ValueError as exc:
+            raise GardenError(f"parsing capacity: {call.stdout}: {exc}") from None
+        if not isinstance(capacity, dict) or not all(_go_uint64(v) for v in capacity.values()):
+            raise GardenError(f"parsing capacity: {call.stdout}: not a map of uint64")
+        return int(capacity.get("capacity", 0))
+
+    def relogged(self) -> list[Relogged]:
+        return [r for call in self.calls for r in call.relogged]
+
+
+# --------------------------------------------------------------------------
+# The layout Garden writes for preloaded+layer: rootfs URLs
+# --------------------------------------------------------------------------
+
+
+def write_image_layout(depot: str, handle: str, rootfs: str) -> str:
+    """Write ``<depot>/<handle>/image`` for *rootfs*; return the ``oci://`` URL Garden passes."""
+    import gardenlayout
+
+    image = gardenlayout.write_from_rootfs_url(os.path.join(depot, handle, "image"), rootfs)
+    return image.url
+
+
+def _main(argv: Sequence[str]) -> int:
+    if len(argv) == 4 and argv[0] == "write-layout":
+        print(write_image_layout(*argv[1:]))
+        return 0
+    print("usage: garden.py write-layout DEPOT HANDLE ROOTFS", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
