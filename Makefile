@@ -15,8 +15,10 @@ MAKEFLAGS += --no-builtin-rules
 #   docker-registry the real registry the registry tests, demo and benchmark start on loopback
 #   apache2-utils   htpasswd, for the registry's basic-auth variant
 #   podman          the registry benchmark's peer
+#   nginx           the droplet blobstore (HTTPS, client certificates) of the remote-layer tests
 APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo \
 	docker-registry apache2-utils podman
+APT_PACKAGES += nginx
 # The BOSH release's tests: ruby renders the job templates (ERB); the rest
 # compile the release's packages as a stemcell's compilation VM would.
 APT_PACKAGES += ruby gcc make libc6-dev zlib1g-dev libffi-dev libssl-dev uuid-dev \

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
-from typing import Any
+from typing import Any, BinaryIO
 
 # Test-only: GROOTFS_TEST_CRASH_AT=<point> makes the process SIGKILL itself at
 # the crash_point() of that name, so tests can kill it exactly where they mean
@@ -122,3 +123,40 @@ def content_size(path: str) -> int:
                         seen.add(st.st_ino)
                     total += st.st_size
     return total
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symlink"),
+)
+
+
+class NotRegularFileError(OSError):
+    """A path that had to be a regular file is something else; strerror says what."""
+
+
+def open_regular(path: str, *, follow_symlinks: bool = True) -> BinaryIO:
+    """Open *path* for reading, refusing anything but a regular file, without blocking.
+
+    The path is first opened ``O_PATH``: that never blocks (a FIFO without a
+    writer would block a plain open forever) and never runs a device's open
+    routine; ``fstat`` on that fd says what the path really is, symlinks
+    followed unless *follow_symlinks* is false. Only a regular file is then
+    opened for reading, through the same inode (``/proc/self/fd``), so a path
+    swapped in between cannot slip a FIFO past the check. Raises
+    :class:`NotRegularFileError` (an OSError) for anything else.
+    """
+    flags = os.O_PATH | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+            raise NotRegularFileError(errno.EINVAL, f"{kind}, not a regular file", path)
+        return open(f"/proc/self/fd/{fd}", "rb")
+    finally:
+        os.close(fd)

@@ -74,11 +74,25 @@ class _Missing(_Refused):
     """A directory looked up without creating it does not exist."""
 
 
-def unpack_layer(stream: BinaryIO, dest: str, idmap: IdMap, *, layer: str) -> UnpackResult:
+def unpack_layer(
+    stream: BinaryIO,
+    dest: str,
+    idmap: IdMap,
+    *,
+    layer: str,
+    base_directory: str = "",
+    parent: str = "",
+) -> UnpackResult:
     """Unpack the uncompressed tar *stream* into the empty directory *dest*.
 
     The stream is read to its end, padding after the end-of-archive marker
     included, so a digest computed by a wrapping reader covers every byte.
+
+    With *base_directory* (an absolute path, Cloud Foundry's base-directory
+    annotation) every entry lands under it, whiteouts and hardlink targets
+    included, and nothing can be written outside it. Its directories are made
+    first, each with the mode and owner it has in *parent*, the layer below's
+    directory: one missing there is an error, as is one that is a symlink.
     """
     with ExitStack() as stack:
         try:
@@ -88,6 +102,8 @@ def unpack_layer(stream: BinaryIO, dest: str, idmap: IdMap, *, layer: str) -> Un
         stack.callback(os.close, root)
         unpacker = _Unpacker(root, idmap, layer)
         stack.callback(unpacker.close)
+        if base_directory:
+            unpacker.make_base(_clean(base_directory), parent)
         try:
             tar = Reader(stream)
             while (member := tar.next()) is not None:
@@ -153,6 +169,47 @@ class _Unpacker:
         self.dir_times: dict[Path, tuple[int, int]] = {}
         self.sizes: dict[int, int] = {}
         self._root_ids: tuple[int, int] | None = None
+        self.base: Path = ()  # every entry's path starts with it
+
+    def make_base(self, base: Path, parent: str) -> None:
+        """Make the directories of *base*, copying mode and owner from the *parent* layer."""
+        where = "/" + "/".join(base)
+        missing = UnpackError(
+            f"unpack layer {self.layer}: base directory not found in parent layer: {where}"
+        )
+        if not parent:
+            raise missing
+        try:
+            at = os.open(parent, _DIR_FLAGS)
+        except OSError as e:
+            raise UnpackError(f"unpack layer {self.layer}: open parent layer: {e.strerror}") from e
+        try:
+            for i, name in enumerate(base):
+                try:
+                    below = os.open(name, _DIR_FLAGS, dir_fd=at)
+                except FileNotFoundError:
+                    raise missing from None
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    st = os.lstat(name, dir_fd=at)
+                    what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                    raise UnpackError(
+                        f"unpack layer {self.layer}: base directory {where}: "
+                        f"/{_join(base[: i + 1])} is {what} in the parent layer"
+                    ) from None
+                os.close(at)
+                at = below
+                st = os.fstat(at)
+                fd = self.dir_fd(base[: i + 1], create=True)
+                os.fchown(fd, st.st_uid, st.st_gid)
+                os.fchmod(fd, st.st_mode & 0o7777)
+        except OSError as e:
+            reason = _reason(e)
+            raise UnpackError(f"unpack layer {self.layer}: base directory {where}: {reason}") from e
+        finally:
+            os.close(at)
+        self.base = base
 
     def close(self) -> None:
         self.trim(0)
@@ -274,13 +331,15 @@ class _Unpacker:
             ) from e
 
     def _entry(self, tar: Reader, member: Entry) -> None:
-        path = _clean(member.name)
-        if path and path[-1].startswith(WHITEOUT_PREFIX):
+        path = self.base + _clean(member.name)
+        if len(path) > len(self.base) and path[-1].startswith(WHITEOUT_PREFIX):
             self._whiteout(path)
         elif member.isdir():
             self._directory(path, member)
-        elif not path:
-            raise _Refused("cannot replace the layer root")
+        elif len(path) == len(self.base):
+            raise _Refused(
+                "cannot replace the base directory" if path else "cannot replace the layer root"
+            )
         elif member.isreg():
             self._file(tar, path, member)
         elif member.issym():
@@ -373,10 +432,10 @@ class _Unpacker:
     def _hardlink(self, path: Path, member: Entry) -> None:
         missing = f"hardlink target {member.linkname} is not in this layer"
         try:
-            target = _clean(member.linkname)
+            target = self.base + _clean(member.linkname)
         except _Refused:
             raise _Refused(f"hardlink target {member.linkname} escapes the layer") from None
-        if not target:
+        if len(target) == len(self.base):
             raise _Refused("hardlink to the layer root")
         if target == path:
             log.debug("skip hardlink to itself", layer=self.layer, entry=member.name)

@@ -108,10 +108,20 @@ def in_use(
             else:
                 os.close(fd)
                 missing[layer.chain_id] = layer
-        if len(missing) == 1:
-            fds.append(_acquire(store, next(iter(missing.values())), idmap, budget))
-        elif missing:
-            _acquire_concurrently(store, list(missing.values()), idmap, budget, fds)
+        while missing:
+            # A layer with a base directory copies directories from the layer
+            # below it, so it waits until that one is in the store.
+            ready = [
+                layer
+                for layer in missing.values()
+                if not layer.base_directory or layer.parent_chain_id not in missing
+            ]
+            if len(ready) == 1:
+                fds.append(_acquire(store, ready[0], idmap, budget))
+            else:
+                _acquire_concurrently(store, ready, idmap, budget, fds)
+            for layer in ready:
+                del missing[layer.chain_id]
         for layer in layers:
             link(store, layer.chain_id)
         yield
@@ -244,7 +254,16 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
             try:
                 try:
                     stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
-                    result = unpack_layer(cast(BinaryIO, stream), tmp, idmap, layer=layer.label)
+                    result = unpack_layer(
+                        cast(BinaryIO, stream),
+                        tmp,
+                        idmap,
+                        layer=layer.label,
+                        base_directory=layer.base_directory,
+                        parent=(
+                            store.volume_dir(layer.parent_chain_id) if layer.parent_chain_id else ""
+                        ),
+                    )
                     while uncompressed.read(1 << 20):
                         pass
                 finally:

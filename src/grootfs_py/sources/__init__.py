@@ -24,10 +24,13 @@ class Layer(NamedTuple):
     size: int | None = None
     diff_id: str | None = None  # of the uncompressed tar
     blob_size: int | None = None  # compressed size as published, verified or not
+    base_directory: str = ""  # unpack under this absolute directory ("": the root)
+    parent_chain_id: str = ""  # the layer below; "" for the bottom one
+    published_digest: str = ""  # as the manifest names it, verified or not
 
     @property
     def label(self) -> str:
-        return self.digest or self.chain_id
+        return self.digest or self.published_digest or self.chain_id
 
 
 class SourceOptions(NamedTuple):
@@ -37,7 +40,8 @@ class SourceOptions(NamedTuple):
     insecure_registries: tuple[str, ...] = ()
     username: str = ""
     password: str = ""
-    client_certificates_path: str = ""  # <path>/<host:port>/*.cert + *.key
+    # Registries: <path>/<host:port>/ else <path>/; remote layers of OCI layouts: <path>/.
+    client_certificates_path: str = ""
     cache_dir: str = ""  # where registry image configs are kept (content-addressed)
 
 
@@ -64,7 +68,11 @@ def resolve(url: str, options: SourceOptions | None = None) -> Image:
     if url.startswith("oci://"):
         from grootfs_py.sources import oci
 
-        return oci.load(url, skip_layer_validation=options.skip_layer_validation)
+        return oci.load(
+            url,
+            skip_layer_validation=options.skip_layer_validation,
+            certificates_path=options.client_certificates_path,
+        )
     if url.startswith("docker://"):
         # Imported only here: the HTTP stack costs more than a warm create of a local image.
         from grootfs_py.sources import registry

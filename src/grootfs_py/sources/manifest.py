@@ -41,6 +41,9 @@ LAYER_COMPRESSION = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": compression.GZIP,
 }
 
+# Cloud Foundry's annotation: unpack the layer under this directory (Garden's droplets).
+BASE_DIRECTORY_ANNOTATION = "org.cloudfoundry.experimental.image.base-directory"
+
 # Image JSON is small; a hostile source must not make us parse gigabytes.
 MAX_JSON_BYTES = 8 << 20
 
@@ -53,6 +56,7 @@ class Descriptor(NamedTuple):
     size: int
     platform: dict[str, Any] | None = None
     annotations: dict[str, str] | None = None
+    urls: tuple[str, ...] = ()  # where a layer not in the layout can be fetched
 
     @classmethod
     def parse(cls, data: Any, what: str) -> Descriptor:
@@ -64,12 +68,16 @@ class Descriptor(NamedTuple):
             raise ImageSourceError(f"invalid {what}: descriptor lacks mediaType or size")
         platform_ = data.get("platform")
         annotations = data.get("annotations")
+        urls = data.get("urls") or []
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ImageSourceError(f"invalid {what}: urls is not a list of strings")
         return cls(
             media_type=media_type,
             digest=check_digest(data.get("digest", "")),
             size=size,
             platform=platform_ if isinstance(platform_, dict) else None,
             annotations=annotations if isinstance(annotations, dict) else None,
+            urls=tuple(urls),
         )
 
 
@@ -186,6 +194,7 @@ def image(
     """
     chains = chain_ids(list(config.diff_ids))
     layers = []
+    parent = ""
     for desc, diff_id, chain_id in zip(manifest.layers, config.diff_ids, chains, strict=True):
 
         def opener(desc: Descriptor = desc) -> BinaryIO:
@@ -201,6 +210,31 @@ def image(
                 size=desc.size if verify else None,
                 diff_id=diff_id if verify else None,
                 blob_size=desc.size,
+                base_directory=base_directory(desc),
+                parent_chain_id=parent,
+                published_digest=desc.digest,
             )
         )
+        parent = chain_id
     return Image(layers=tuple(layers), env=config.env)
+
+
+def base_directory(desc: Descriptor) -> str:
+    """The layer's base-directory annotation, checked: absolute, no ``..``; "" when unset.
+
+    Normalised (repeated and trailing slashes dropped); "/" is the layer root.
+    Whether it passes through a symlink is for the unpacker to find out.
+    """
+    value = (desc.annotations or {}).get(BASE_DIRECTORY_ANNOTATION, "")
+    if not value:
+        return ""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ImageSourceError(
+            f"invalid base directory `{value}` for layer {desc.digest}: not an absolute path"
+        )
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ImageSourceError(
+            f"invalid base directory `{value}` for layer {desc.digest}: contains `..`"
+        )
+    return "/" + "/".join(parts) if parts else ""

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -45,6 +44,16 @@ from grootfs_py import log
 from grootfs_py.errors import ImageSourceError
 from grootfs_py.sources import Image, SourceOptions
 from grootfs_py.sources import manifest as m
+from grootfs_py.sources.download import (
+    ATTEMPTS,
+    BACKOFF_SECONDS,
+    CONNECT_TIMEOUT,
+    RETRY_STATUSES,
+    USER_AGENT,
+    BlobReader,
+    Retry,
+    read_timeout,
+)
 from grootfs_py.sources.reference import Reference, parse
 from grootfs_py.sources.transport import (
     Response,
@@ -53,6 +62,7 @@ from grootfs_py.sources.transport import (
     Transport,
     TransportError,
     basic_auth,
+    tls_files,
 )
 
 INSECURE_MESSAGE = (
@@ -62,28 +72,6 @@ INSECURE_MESSAGE = (
 AUTH_FAILED_MESSAGE = "authorization failed: username and password are invalid"
 
 MANIFEST_ACCEPT = ", ".join((*m.MANIFESTS, *m.INDEXES, *m.DOCKER_SCHEMA1))
-ATTEMPTS = 4  # per request, and per blob for resuming
-BACKOFF_SECONDS = 0.5  # doubled after each failed attempt
-CONNECT_TIMEOUT = 10.0
-# Seconds a registry may stay silent (connect aside) before the request is
-# retried; a slow but moving download is never cut off.
-TIMEOUT_ENV = "GROOTFS_REGISTRY_TIMEOUT"
-DEFAULT_TIMEOUT = 30.0
-RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
-CHUNK = 1 << 20
-USER_AGENT = "grootfs-py"
-
-
-class _Retry(Exception):
-    """One attempt failed in a way worth trying again."""
-
-
-def _timeout() -> float:
-    try:
-        value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
-    except ValueError:
-        return DEFAULT_TIMEOUT
-    return value if value > 0 else DEFAULT_TIMEOUT
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -102,24 +90,20 @@ def _matches(registry: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _tls_files(certs_path: str, registry: str) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
-    """The client certificate and key, and the extra CA files, for *registry*."""
+    """The client certificate and key, and the extra CA files, for *registry*.
+
+    ``<certs_path>/<host:port>/`` when it exists (Docker's certs.d), else the
+    files directly in *certs_path*, which remote layers of OCI layouts use too.
+    """
     if not certs_path:
         return None, ()
     directory = os.path.join(certs_path, registry.replace("/", "_"))
     if not os.path.isdir(directory):
         directory = certs_path
     try:
-        names = sorted(n for n in os.listdir(directory) if os.path.getsize(f"{directory}/{n}"))
-    except OSError:
-        return None, ()
-    cas = tuple(os.path.join(directory, n) for n in names if n.endswith(".crt"))
-    for name in names:
-        if name.endswith(".cert"):
-            key = name[: -len(".cert")] + ".key"
-            if key in names:
-                return (os.path.join(directory, name), os.path.join(directory, key)), cas
-            raise ImageSourceError(f"client certificate {directory}/{name} has no matching .key")
-    return None, cas
+        return tls_files(directory)
+    except TLSSetupError as exc:
+        raise ImageSourceError(str(exc)) from None
 
 
 class Client:
@@ -135,7 +119,7 @@ class Client:
             client_cert=self.cert,
             ca_files=cas,
             connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=_timeout(),
+            read_timeout=read_timeout(),
             user_agent=USER_AGENT,
         )
         self._username = options.username
@@ -162,7 +146,7 @@ class Client:
                     self._authorize(response)
                     response.close()
                     response = self._send(path, headers or {})
-            except _Retry as exc:
+            except Retry as exc:
                 last = str(exc)
             else:
                 status = response.status
@@ -205,7 +189,7 @@ class Client:
                 return self._send(path, headers)
             raise self._tls_error(exc) from None
         except TransportError as exc:
-            raise _Retry(str(exc)) from None
+            raise Retry(str(exc)) from None
 
     def _tls_error(self, exc: BaseException) -> ImageSourceError:
         text = str(exc)
@@ -384,7 +368,13 @@ class Client:
         return doc
 
     def open_blob(self, desc: m.Descriptor) -> BinaryIO:
-        return cast(BinaryIO, _BlobReader(self, desc))
+        what = f"layer {desc.digest}"
+
+        def get(headers: dict[str, str]) -> Response:
+            return self.get(f"blobs/{desc.digest}", what, headers)
+
+        where = f"pull {self.ref}: registry {self.ref.registry}"
+        return cast(BinaryIO, BlobReader(get, where=where, what=what))
 
 
 def _write_cache(path: str, data: bytes) -> None:
@@ -399,105 +389,6 @@ def _write_cache(path: str, data: bytes) -> None:
         log.info("image config not cached", path=path, error=exc.strerror)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-
-
-class _BlobReader(io.RawIOBase):
-    """A blob's bytes from the socket, resumed after a dropped connection or a stall.
-
-    After ``ATTEMPTS`` interruptions of one blob the error names it.
-    """
-
-    def __init__(self, client: Client, desc: m.Descriptor) -> None:
-        super().__init__()
-        self._client = client
-        self._desc = desc
-        self._offset = 0
-        self._failures = 0
-        self._response: Response | None = None
-        self._eof = False  # opened by the first read, where failures are retried
-
-    def readable(self) -> bool:
-        return True
-
-    def _open(self) -> None:
-        headers = {"Range": f"bytes={self._offset}-"} if self._offset else {}
-        what = f"layer {self._desc.digest}"
-        response = self._client.get(f"blobs/{self._desc.digest}", what, headers)
-        if self._offset and response.status == 206:
-            start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-            if not start or int(start.group(1)) != self._offset:
-                response.close()
-                raise ImageSourceError(f"pull {self._client.ref}: {what}: bad Content-Range")
-        elif self._offset:
-            # The registry ignored Range: read the blob again and skip what we already had.
-            skip = self._offset
-            while skip:
-                try:
-                    data = response.read1(min(skip, CHUNK))
-                except TransportError:
-                    response.close()
-                    raise
-                if not data:
-                    response.close()
-                    raise _Retry("blob ended early")
-                skip -= len(data)
-        self._response = response
-
-    def read(self, size: int = -1) -> bytes:
-        if self._eof:
-            return b""
-        want = CHUNK if size is None or size < 0 else size
-        while True:
-            try:
-                if self._response is None:
-                    self._open()
-                assert self._response is not None
-                # read1: what one receive gave, so a reset loses nothing already here.
-                data = self._response.read1(want)
-            except (_Retry, TransportError) as exc:
-                self._interrupted(str(exc))
-                continue
-            if data:
-                self._offset += len(data)
-                return data
-            # A clean end (a body cut short of its Content-Length raised above): a
-            # blob shorter than the manifest says is the verifying reader's to report.
-            break
-        self._eof = True
-        self._close_response()
-        return b""
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def _interrupted(self, reason: str) -> None:
-        self._close_response()
-        self._failures += 1
-        what = f"layer {self._desc.digest}"
-        if self._failures >= ATTEMPTS:
-            raise ImageSourceError(
-                f"pull {self._client.ref}: registry {self._client.ref.registry}: "
-                f"download {what}: {reason} after {self._offset} bytes (tried {ATTEMPTS} times)"
-            )
-        log.info(
-            "blob download interrupted, resuming",
-            registry=self._client.ref.registry,
-            blob=self._desc.digest,
-            offset=self._offset,
-            reason=reason,
-        )
-        time.sleep(BACKOFF_SECONDS * 2 ** (self._failures - 1))
-
-    def _close_response(self) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
-
-    def close(self) -> None:
-        self._close_response()
-        super().close()
 
 
 def load(url: str, options: SourceOptions) -> Image:

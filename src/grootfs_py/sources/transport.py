@@ -267,3 +267,41 @@ class Transport:
             if _is_tls_refusal(exc):
                 raise TLSError(str(exc)) from None
             raise TransportError(reason(exc)) from None
+
+
+def tls_files(directory: str) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    """The client certificate + key and the extra CA files in *directory*.
+
+    GrootFS's rules (containers/image's): every ``*.crt`` is a CA trusted
+    besides the system's; each ``<name>.cert`` needs ``<name>.key`` and each
+    ``.key`` its ``.cert``, one without the other is an error naming it; a
+    directory that does not exist (or cannot be read) holds nothing. Empty
+    files count as absent: BOSH renders an unset property as an empty file.
+    With several pairs the first by name is used.
+    """
+    if not directory:
+        return None, ()
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(e.name for e in entries if e.is_file() and e.stat().st_size > 0)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return None, ()
+    except OSError as exc:
+        raise TLSSetupError(f"read certificates directory {directory}: {exc.strerror}") from None
+    present = set(names)
+    cas = tuple(os.path.join(directory, n) for n in names if n.endswith(".crt"))
+    pairs = []
+    for name in names:
+        base, ext = os.path.splitext(name)
+        if ext == ".cert" and base + ".key" not in present:
+            raise TLSSetupError(
+                f"client certificate {os.path.join(directory, name)} has no matching {base}.key"
+            )
+        if ext == ".key" and base + ".cert" not in present:
+            raise TLSSetupError(
+                f"key {os.path.join(directory, name)} has no matching client certificate "
+                f"{base}.cert"
+            )
+        if ext == ".cert":
+            pairs.append((os.path.join(directory, name), os.path.join(directory, base + ".key")))
+    return (pairs[0] if pairs else None), cas
