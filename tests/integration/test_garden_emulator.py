@@ -28,7 +28,11 @@ def stores(grootfs, require_root, tmp_path_factory):
     for kind in ("unprivileged", "privileged"):
         store = parent / kind
         configs[kind] = parent / f"{kind}.yml"
-        configs[kind].write_text(json.dumps({"store": str(store), "log_level": "debug"}))
+        # As garden-runc-release configures both stores (its two-layer images need it).
+        create = {"skip_layer_validation": True}
+        configs[kind].write_text(
+            json.dumps({"store": str(store), "log_level": "debug", "create": create})
+        )
         grootfs("init-store", config=configs[kind])
     yield configs
     for config in configs.values():
@@ -162,3 +166,38 @@ def test_stats_output_is_read_as_guardian_decodes_it(stdout, reads):
             garden.parse_stats_output(stdout)
     else:
         assert garden.parse_stats_output(stdout) == reads
+
+
+def test_a_two_layer_app_gets_gardens_layout_in_the_depot(gdn, tmp_path_factory):
+    from urllib.parse import urlencode
+
+    import blobstore
+
+    work = tmp_path_factory.mktemp("two-layer")
+    work.chmod(0o755)
+    (work / "blobs").mkdir()
+    packages = work / "packages"
+    (packages / "stack-1").mkdir(parents=True)
+    f.write_tarball(
+        str(packages / "stack-1" / "rootfs.tar"),
+        [*f.busybox_layer(), f.directory("home"), f.directory("home/vcap", uid=2000, gid=2000)],
+    )
+    (packages / "stack").symlink_to(packages / "stack-1")
+    droplet = f.compress(f.layer_tar([f.file("app/index.html", b"droplet\n", uid=2000)]), "gzip")
+    (work / "blobs" / "droplet.tgz").write_bytes(droplet)
+    with blobstore.Blobstore(work / "nginx", work / "blobs") as store:
+        query = urlencode(
+            {
+                "layer": f"{store.url}/droplet.tgz",
+                "layer_path": "/home/vcap",
+                "layer_digest": f.sha256(droplet).removeprefix("sha256:"),
+            }
+        )
+        app = gdn.create("web-1", f"preloaded+layer:{packages}/stack/rootfs.tar?{query}")
+    image = Path(gdn.depot, "web-1", "image")
+    assert gdn.calls[-1].argv[-2:] == [f"oci://{image}", "web-1"]
+    assert sorted(os.listdir(image)) == ["blobs", "index.json"]  # no oci-layout file
+    assert Path(app.spec.root_path, "home/vcap/app/index.html").read_text() == "droplet\n"
+    gdn.destroy("web-1")
+    assert not Path(gdn.depot, "web-1").exists()
+    _own_levels_kept(gdn.calls)
