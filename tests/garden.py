@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import math
 import os
 import re
 import subprocess
@@ -49,10 +50,12 @@ _FIELDS = {
     "data": dict,
 }
 _INT64 = (-(2**63), 2**63 - 1)
-# strconv.ParseFloat's syntax (decimal and hex; no underscores without a base
-# prefix, no spaces), then time.Parse(time.RFC3339Nano, ...) as the fallback.
-_GO_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
-_GO_HEX = re.compile(r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?\d+\Z")
+# strconv.ParseFloat's syntax (decimal and hex, "_" only between digits or
+# after a base prefix, no spaces), then time.Parse(time.RFC3339Nano, ...).
+_D = r"\d(?:_?\d)*"
+_H = r"[0-9a-fA-F](?:_?[0-9a-fA-F])*"
+_GO_DECIMAL = re.compile(rf"[+-]?(?:{_D}\.?(?:{_D})?|\.{_D})(?:[eE][+-]?{_D})?\Z")
+_GO_HEX = re.compile(rf"[+-]?0[xX]_?(?:{_H}\.?(?:{_H})?|\.{_H})[pP][+-]?{_D}\Z")
 _GO_SPECIAL = re.compile(r"(?i:[+-]?inf(?:inity)?|nan)\Z")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:[.,]\d+)?(?:Z|[+-](\d{2}):(\d{2}))\Z"
@@ -90,16 +93,30 @@ def _as_dict(value: Any) -> Any:
     return value
 
 
+def _go_float64(value: Any) -> bool:
+    """Whether every number in *value* fits a float64, as Go decodes numbers in interface{}."""
+    if isinstance(value, dict):
+        return all(_go_float64(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_go_float64(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:
+            return False
+    return True
+
+
 def _go_timestamp(text: str) -> bool:
     if _GO_SPECIAL.match(text) or _GO_HEX.match(text):
         return True
     if _GO_DECIMAL.match(text):
-        return float(text) not in (float("inf"), float("-inf"))  # ParseFloat's ErrRange
+        return math.isfinite(float(text.replace("_", "")))  # else ParseFloat's ErrRange
     m = _RFC3339.match(text)
     if not m:
         return False
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
-    zone_ok = m[7] is None or (int(m[7]) < 24 and int(m[8]) < 60)
+    zone_ok = m[7] is None or (int(m[7]) <= 24 and int(m[8]) <= 60)  # Go's bounds, inclusive
     return (
         1 <= month <= 12
         and 1 <= day <= calendar.monthrange(year or 2000, month)[1]
@@ -145,7 +162,7 @@ def chug(raw: str) -> ChugEntry:
             if type(value) is not int or not _INT64[0] <= value <= _INT64[1]:
                 return not_lager
         elif (want is str and not isinstance(value, str)) or (
-            want is dict and not isinstance(value, dict)
+            want is dict and not (isinstance(value, dict) and _go_float64(value))
         ):
             return not_lager
         fields[name] = value

