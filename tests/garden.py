@@ -23,6 +23,7 @@ simulated cell) writes it there through the same runner as the plugin's.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import json
 import math
 import os
@@ -432,8 +433,10 @@ class Garden:
                 raise self._failed("create", call)
             spec = parse_create_output(call.stdout)
         except GardenError:
-            # Garden destroys what a failed create may have left (both stores).
-            self._destroy(handle)
+            # Garden destroys what a failed create may have left (both stores);
+            # a failure there is only logged, the create's error is the one returned.
+            with contextlib.suppress(GardenError):
+                self._destroy(handle)
             raise
         container = Container(handle, privileged, rootfs, spec)
         self.containers[handle] = container
