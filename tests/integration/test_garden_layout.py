@@ -396,3 +396,58 @@ def test_plain_stack_path_that_is_a_fifo_is_refused(grootfs, xfs_store, tmp_path
     assert result.stdout.splitlines() == [
         f"invalid base image: {fifo} is a FIFO, not a regular file"
     ]
+
+
+# -- faults between the cell and the blobstore ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, r.FaultProxy]]:
+    """A plain-HTTP nginx serving /blobs/, behind the registry tests' fault proxy."""
+    work = tmp_path_factory.mktemp("flaky")
+    root = work / "root"
+    (root / "blobs").mkdir(parents=True)
+    with b.Blobstore(work / "nginx", root) as store:
+        proxy = r.FaultProxy(f"127.0.0.1:{store.port}")
+        with r.running(proxy):
+            yield root, proxy
+
+
+def _flaky_droplet(flaky, cell: Cell, name: str, marker: bytes) -> g.GardenImage:
+    root, proxy = flaky
+    # Big and incompressible enough that half of it is more than the proxy's minimum.
+    entries = [*_app(marker), f.file("app/blob.bin", os.urandom(300_000))]
+    data = f.compress(f.layer_tar(entries), "gzip")
+    (root / "blobs" / name).write_bytes(data)
+    url = f"http://127.0.0.1:{proxy.port}/blobs/{name}"
+    return cell.layout(name, url, hashlib.sha256(data).hexdigest())
+
+
+def test_droplet_download_cut_off_is_resumed(grootfs, xfs_store, cell, flaky):
+    _, proxy = flaky
+    seen = proxy.reset(reset_blobs=1)
+    image = _flaky_droplet(flaky, cell, "cut.tgz", b"cut")
+    grootfs("create", image.url, "cut", config=cell.config(xfs_store))
+    assert Path(xfs_store, "images/cut/rootfs/home/vcap/app/run.sh").read_bytes().endswith(b"cut\n")
+    gets = [s for s in seen.seen if "/blobs/cut.tgz" in s]
+    assert len(gets) == 2 and gets[1].startswith("GET /blobs/cut.tgz bytes="), gets
+
+
+def test_droplet_5xx_is_retried(grootfs, xfs_store, cell, flaky):
+    _, proxy = flaky
+    seen = proxy.reset(refuse_status=503, status_count=2)
+    image = _flaky_droplet(flaky, cell, "busy.tgz", b"busy")
+    grootfs("create", image.url, "busy", config=cell.config(xfs_store))
+    assert Path(xfs_store, "images/busy/rootfs/home/vcap/app/run.sh").exists()
+    assert len([s for s in seen.seen if "/blobs/busy.tgz" in s]) == 3
+
+
+def test_silent_blobstore_counts_as_a_failed_try(grootfs, xfs_store, cell, flaky, monkeypatch):
+    _, proxy = flaky
+    seen = proxy.reset(stall_blobs=1, stall_seconds=4)
+    monkeypatch.setenv("GROOTFS_REGISTRY_TIMEOUT", "1")
+    image = _flaky_droplet(flaky, cell, "stall.tgz", b"stall")
+    grootfs("create", image.url, "stall", config=cell.config(xfs_store))
+    assert Path(xfs_store, "images/stall/rootfs/home/vcap/app/run.sh").exists()
+    gets = [s for s in seen.seen if "/blobs/stall.tgz" in s]
+    assert len(gets) == 2 and "bytes=1024-" in gets[1], gets

@@ -747,3 +747,86 @@ def test_result_matches_gnu_tar(box: Box, tmp_path: Path) -> None:
     for implicit in ("usr", "home/u"):
         del mine[implicit], theirs[implicit]
     assert mine == theirs
+
+
+# -- base directory (Cloud Foundry's annotation, Garden's droplets) -------------
+
+
+@pytest.fixture
+def parent(tmp_path: Path) -> Path:
+    """The layer below: /home (0711 root) and /home/vcap (0750, 2000:2001), /usr -> symlink."""
+    below = tmp_path / "parent"
+    (below / "home/vcap").mkdir(parents=True)
+    os.chmod(below / "home", 0o711)
+    os.chmod(below / "home/vcap", 0o750)
+    os.chown(below / "home/vcap", 2000, 2001)
+    (below / "usr").symlink_to("home")
+    (below / "etc").write_text("not a directory")
+    return below
+
+
+def _unpack_under(box: Box, parent: Path, base: str, entries: list[f.Entry]) -> UnpackResult:
+    data = f.layer_tar(entries)
+    return unpack_layer(
+        Stream(data),  # type: ignore[arg-type]
+        str(box.dest),
+        IDENTITY,
+        layer=LAYER,
+        base_directory=base,
+        parent=str(parent),
+    )
+
+
+def test_base_directory_parents_copy_mode_and_owner_of_the_layer_below(box, parent):
+    _unpack_under(box, parent, "/home/vcap", [f.file("app/run", b"x", uid=2000)])
+    home, vcap = (box.dest / "home").stat(), (box.dest / "home/vcap").stat()
+    assert (stat.S_IMODE(home.st_mode), home.st_uid) == (0o711, 0)
+    assert (stat.S_IMODE(vcap.st_mode), vcap.st_uid, vcap.st_gid) == (0o750, 2000, 2001)
+    assert (box.dest / "home/vcap/app/run").read_bytes() == b"x"
+    assert sorted(os.listdir(box.dest)) == ["home"]
+
+
+def test_root_entry_of_the_layer_sets_the_base_directory(box, parent):
+    _unpack_under(box, parent, "/home/vcap", [f.directory(".", mode=0o700, uid=3000)])
+    vcap = (box.dest / "home/vcap").stat()
+    assert (stat.S_IMODE(vcap.st_mode), vcap.st_uid) == (0o700, 3000)
+
+
+def test_whiteouts_and_hardlinks_resolve_under_the_base_directory(box, parent):
+    _unpack_under(
+        box,
+        parent,
+        "/home/vcap",
+        [
+            f.file("a", b"a"),
+            f.hardlink("b", "./a"),
+            f.whiteout(".profile"),
+            f.directory("d"),
+            f.opaque("d"),
+        ],
+    )
+    assert (box.dest / "home/vcap/b").stat().st_ino == (box.dest / "home/vcap/a").stat().st_ino
+    wh = (box.dest / "home/vcap/.profile").lstat()
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert xattrs_of(box.dest / "home/vcap/d") == {"trusted.overlay.opaque": b"y"}
+    assert not (box.dest / ".profile").exists() and not (box.dest / "a").exists()
+
+
+BASE_REFUSALS = [
+    ("/home/nobody", [f.file("x")], "base directory not found in parent layer: /home/nobody"),
+    ("/usr/vcap", [f.file("x")], "/usr is a symlink in the parent layer"),
+    ("/etc/x", [f.file("x")], "/etc is not a directory in the parent layer"),
+    ("/home/vcap", [f.file("../escape")], "path escapes the layer"),
+    ("/home/vcap", [f.file("a"), f.hardlink("b", "../vcap/a")], "escapes the layer"),
+    ("/home/vcap", [f.file(".")], "cannot replace the base directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "entries", "message"), BASE_REFUSALS, ids=[m for _, _, m in BASE_REFUSALS]
+)
+def test_base_directory_refusals(box, parent, base, entries, message):
+    before = box.snapshot_outside()
+    with pytest.raises(UnpackError, match=message.replace(".", r"\.")):
+        _unpack_under(box, parent, base, entries)
+    assert box.snapshot_outside() == before

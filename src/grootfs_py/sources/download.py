@@ -30,6 +30,10 @@ TIMEOUT_ENV = "GROOTFS_REGISTRY_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
 RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
 CHUNK = 1 << 20
+# Most bytes one read asks the socket for. http.client's read1 allocates what
+# is asked before receiving one TLS record (16 KiB): asking 1 MiB made every
+# read an mmap and cost 3x the throughput of a 100 MB download.
+READ_SIZE = 64 << 10
 USER_AGENT = "grootfs-py"
 
 
@@ -101,7 +105,7 @@ class BlobReader(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if self._eof:
             return b""
-        want = CHUNK if size is None or size < 0 else size
+        want = READ_SIZE if size is None or size < 0 else min(size, READ_SIZE)
         while True:
             try:
                 if self._response is None:
