@@ -15,8 +15,9 @@ MAKEFLAGS += --no-builtin-rules
 #   docker-registry the real registry the registry tests, demo and benchmark start on loopback
 #   apache2-utils   htpasswd, for the registry's basic-auth variant
 #   podman          the registry benchmark's peer
+#   uidmap          newuidmap/newgidmap: rootless unpacks in a user namespace (and their tests)
 #   nginx           the droplet blobstore (HTTPS, client certificates) of the remote-layer tests
-APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo \
+APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo uidmap \
 	docker-registry apache2-utils podman
 APT_PACKAGES += nginx
 # The BOSH release's tests: ruby renders the job templates (ERB); the rest

@@ -57,20 +57,20 @@ def _leftovers(store: Store) -> list[Problem]:
         if INCOMPLETE in name:
             path = store.join("volumes", name)
             problems.append(
-                Problem(f"layer {name}: unfinished unpack", partial(fsutil.remove_tree, path))
+                Problem(f"layer {name}: unfinished unpack", partial(store.remove_tree, path))
             )
     for name in sorted(os.listdir(store.join("tmp"))):
         path = store.join("tmp", name)
         problems.append(
-            Problem(f"tmp/{name}: unfinished removal", partial(_remove_unmounted, path))
+            Problem(f"tmp/{name}: unfinished removal", partial(_remove_unmounted, store, path))
         )
     return problems
 
 
-def _remove_unmounted(path: str) -> None:
+def _remove_unmounted(store: Store, path: str) -> None:
     for point in [*mounts.under(path), path]:
         overlay.unmount(point)
-    fsutil.remove_tree(path)
+    store.remove_tree(path)
 
 
 def _image_record(store: Store, image_id: str) -> dict[str, Any] | None:
@@ -199,7 +199,7 @@ def _layers(store: Store) -> list[Problem]:
 
 
 def _record_size(store: Store, chain_id: str) -> None:
-    size = fsutil.content_size(store.volume_dir(chain_id))
+    size = store.content_size(store.volume_dir(chain_id))
     fsutil.write_json(store.volume_meta(chain_id), {"size": size})
 
 

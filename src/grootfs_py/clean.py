@@ -128,7 +128,7 @@ def _remove_incomplete_layers(store: Store) -> None:
             os.close(fd)
         for path in trashed:
             log.info("removing incomplete layer", path=path)
-            fsutil.remove_tree(path)
+            store.remove_tree(path)
 
 
 def _remove_incomplete_images(store: Store) -> None:
@@ -176,7 +176,14 @@ def _remove_trash(store: Store, deadline: Deadline) -> None:
         for point in [*mounts.under(path), path]:
             overlay.unmount(point)
         log.info("removing leftover", path=path)
-        fsutil.remove_tree(path)
+        try:
+            store.remove_tree(path)
+        except StoreError as exc:
+            if not store.rootless:
+                raise
+            # Files of ids outside the user's mappings (root mounted the image):
+            # only root can remove them; the rest of the clean still runs.
+            log.error("cannot remove leftover without root", path=path, error=str(exc))
 
 
 def _release_orphan_projects(store: Store) -> None:
@@ -221,7 +228,7 @@ def _remove_unused_layers(store: Store, deadline: Deadline) -> int:
             os.close(fd)
     for path in trashed:
         deadline.left()
-        fsutil.remove_tree(path)
+        store.remove_tree(path)
     return len(trashed)
 
 

@@ -197,7 +197,9 @@ def _print(value: Any) -> None:
 def _run(args: argparse.Namespace, config: Config) -> None:
     from grootfs_py.store import Store
 
-    store = Store(config.store)
+    store = Store(
+        config.store, newuidmap_bin=config.newuidmap_bin, newgidmap_bin=config.newgidmap_bin
+    )
     command = args.command
     if command == "create":
         _create(args, config, store)
@@ -291,10 +293,10 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
     spec = images.create(store, url, image_id, options)
     _print(spec)
     if config.create.with_clean:
-        _spawn_clean(config)
+        _spawn_clean(config, args.config)
 
 
-def _spawn_clean(config: Config) -> None:
+def _spawn_clean(config: Config, config_path: str | None = None) -> None:
     """Start a clean that outlives us; the create has already answered Garden.
 
     This is the one child not run through proc.run: it must not be waited for.
@@ -307,6 +309,8 @@ def _spawn_clean(config: Config) -> None:
         sys.executable,
         "-m",
         "grootfs_py",
+        # The file too: its other keys (newuidmap_bin, newgidmap_bin) apply to the clean.
+        *(["--config", config_path] if config_path else []),
         "--store",
         config.store,
         "--log-level",

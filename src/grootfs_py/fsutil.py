@@ -82,13 +82,22 @@ def remove_tree(path: str) -> None:
 
 def disk_usage(path: str) -> int:
     """Bytes allocated to everything under *path* (st_blocks), each inode once."""
+    return disk_usage_checked(path)[0]
+
+
+def disk_usage_checked(path: str) -> tuple[int, bool]:
+    """:func:`disk_usage`, and whether every directory could be read."""
     seen: set[int] = set()
     total = 0
+    complete = True
     stack = [path]
     while stack:
         current = stack.pop()
         try:
             entries = os.scandir(current)
+        except PermissionError:
+            complete = False
+            continue
         except OSError:
             continue
         with entries:
@@ -104,7 +113,7 @@ def disk_usage(path: str) -> int:
                 total += st.st_blocks * 512
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
-    return total
+    return total, complete
 
 
 def content_size(path: str) -> int:

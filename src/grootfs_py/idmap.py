@@ -85,6 +85,17 @@ class IdMap(NamedTuple):
     def root_gid(self) -> int:
         return self.host_gid(0)
 
+    def inside(self) -> IdMap:
+        """The same ranges seen from inside a user namespace made with these mappings.
+
+        There the kernel translates ids: the unpacker chowns to the ids the
+        layer names, and only ids outside every range are refused.
+        """
+        return IdMap(
+            tuple(IdMapping(m.namespace_id, m.namespace_id, m.size) for m in self.uids),
+            tuple(IdMapping(m.namespace_id, m.namespace_id, m.size) for m in self.gids),
+        )
+
     def to_json(self) -> dict[str, list[dict[str, int]]]:
         return {
             "uid_mappings": [m.to_json() for m in self.uids],
@@ -97,6 +108,11 @@ class IdMap(NamedTuple):
             tuple(IdMapping.from_json(m) for m in data.get("uid_mappings", [])),
             tuple(IdMapping.from_json(m) for m in data.get("gid_mappings", [])),
         )
+
+
+def map_arguments(mappings: tuple[IdMapping, ...]) -> list[str]:
+    """newuidmap/newgidmap's arguments after the pid: ``ns host size`` for each range."""
+    return [str(n) for m in mappings for n in m]
 
 
 def _translate(mappings: tuple[IdMapping, ...], ns_id: int, kind: str) -> int:

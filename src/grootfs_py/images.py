@@ -42,6 +42,8 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
     """Create the image and return the runtime-spec JSON Garden reads."""
     check_id(image_id)
     store.require_initialized()
+    if store.rootless:
+        _check_rootless(store, options)
     if options.disk_limit_size_bytes > 0 and not store.info().quotas:
         raise StoreError(
             "disk limits are not available: the store is not on XFS with project quotas"
@@ -91,15 +93,37 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
         "root": {"path": os.path.join(image_dir, "rootfs")},
     }
     if options.without_mount:
+        mount_options = overlay.absolute_options(store.path, rel_dir, shorts)
+        if store.rootless:
+            # Its layers mark opaque directories with user.overlay.* (see unpack.py).
+            mount_options += ",userxattr"
         spec["mounts"] = [
             {
                 "destination": "/",
                 "type": "overlay",
                 "source": "overlay",
-                "options": [overlay.absolute_options(store.path, rel_dir, shorts)],
+                "options": [mount_options],
             }
         ]
     return spec
+
+
+def _check_rootless(store: Store, options: CreateOptions) -> None:
+    """Refuse, in one line, what a non-root user cannot do."""
+    if not options.without_mount:
+        raise InvalidArgumentError(
+            "a non-root user cannot mount the image: create it with --without-mount "
+            "(or create.without_mount) and mount the overlay from the output's mounts"
+        )
+    if options.disk_limit_size_bytes > 0:
+        raise InvalidArgumentError(
+            "disk limits need root: a non-root user cannot set XFS project quotas"
+        )
+    if store.idmap().identity:
+        raise StoreError(
+            "store has no id mappings: a non-root user needs a store that root initialised "
+            "with --uid-mapping and --gid-mapping for it"
+        )
 
 
 def _make_image(
@@ -119,7 +143,7 @@ def _make_image(
     with contextlib.ExitStack() as undo:
         claim = _claim(store, image_id, image_dir)
         undo.callback(os.close, claim)
-        undo.callback(fsutil.remove_tree, image_dir)
+        undo.callback(store.remove_tree, image_dir)
         fsutil.crash_point("create-after-claim")
         project_id = 0
         if limit > 0:
@@ -318,7 +342,7 @@ def remove(store: Store, image_id: str) -> bool:
         # Never remove a tree through a live mount.
         raise StoreError(f"delete image {image_id}: {left[0]} is still mounted")
     _unlink_quietly(store.dependency_file(image_id))
-    fsutil.remove_tree(trashed)
+    store.remove_tree(trashed)
     if project_id:
         release_project(store, project_id)
     return True
@@ -355,12 +379,24 @@ def stats(store: Store, image_id: str) -> dict[str, Any]:
     if project_id:
         from grootfs_py import quota
 
+        if store.rootless:
+            # quotactl answers a project's usage to CAP_SYS_ADMIN only.
+            raise StoreError(
+                f"read disk usage of image `{image_id}`: it has a disk limit, and reading "
+                "an XFS project quota needs root"
+            )
         try:
             exclusive, _ = quota.usage(quota.device_of(store.path), project_id)
         except OSError as exc:
             raise StoreError(f"read disk usage of image `{image_id}`: {exc.strerror}") from None
     else:
-        exclusive = fsutil.disk_usage(os.path.join(store.image_dir(image_id), "diff"))
+        diff = os.path.join(store.image_dir(image_id), "diff")
+        exclusive, complete = fsutil.disk_usage_checked(diff)
+        if not complete and store.rootless:
+            # The container wrote directories of other ids that its user cannot list.
+            from grootfs_py import userns
+
+            exclusive = userns.disk_usage(store, diff)
     return {
         "disk_usage": {
             "total_bytes_used": base + exclusive,

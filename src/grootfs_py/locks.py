@@ -18,6 +18,7 @@ The store's locks, in the order a process may take them (never the reverse):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -59,9 +60,22 @@ def wait(fd: int, what: str, *, shared: bool = False, timeout: float = DEFAULT_T
         log.info("lock waited", path=what, shared=shared, waited_s=round(waited, 3))
 
 
+def _open(path: str) -> int:
+    """Open (or create) the lock file *path*; a store its user cannot write is named as such."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        hint = ""
+        if exc.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+            from grootfs_py.store import NOT_YOURS
+
+            hint = NOT_YOURS
+        raise StoreError(f"open lock {path}: {exc.strerror}{hint}") from None
+
+
 def acquire(path: str, *, shared: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
     """Open *path* (created if missing) and lock it; close the returned fd to release."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open(path)
     try:
         wait(fd, path, shared=shared, timeout=timeout)
     except BaseException:
@@ -81,7 +95,7 @@ def try_lock(fd: int, *, shared: bool = False) -> bool:
 
 def try_acquire(path: str, *, shared: bool = False) -> int | None:
     """Lock *path* if nobody holds it in a conflicting mode; None if someone does."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open(path)
     try:
         if try_lock(fd, shared=shared):
             return fd

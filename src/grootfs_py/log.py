@@ -35,6 +35,7 @@ _threshold = LEVELS["info"]
 _stream: IO[str] = sys.stderr
 _owned: IO[str] | None = None
 _session: dict[str, Any] = {}
+_path: str | None = None
 _prefix = SOURCE
 _events: dict[str, str] = {}
 
@@ -45,8 +46,9 @@ def configure(level: str, path: str | None = None, **session: Any) -> None:
     A ``command`` value names the lager session (``grootfs.<command>``) instead
     of going into ``data``, as GrootFS's per-command loggers do.
     """
-    global _threshold, _stream, _owned, _prefix
+    global _threshold, _stream, _owned, _path, _prefix
     _threshold = LEVELS[level]
+    _path = path or None
     if path:
         parent = os.path.dirname(path)
         if parent:
@@ -58,6 +60,12 @@ def configure(level: str, path: str | None = None, **session: Any) -> None:
     _prefix = f"{SOURCE}.{command}" if command else SOURCE
     _session.clear()
     _session.update(session)
+
+
+def settings() -> tuple[str, str | None]:
+    """The configured level and log file, for a helper process to log alike."""
+    level = next(name for name, n in LEVELS.items() if n == _threshold)
+    return level, _path
 
 
 def close() -> None:

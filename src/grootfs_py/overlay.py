@@ -80,6 +80,14 @@ def unmount(rootfs: str) -> bool:
     except OSError as exc:
         if exc.errno in (errno.EINVAL, errno.ENOENT):
             return False  # not a mount point (or already gone): nothing to undo
+        if exc.errno == errno.EPERM:
+            # Without root every umount is refused, mounted or not; a rootless
+            # store's images are never mounted in this namespace.
+            from grootfs_py import mounts
+
+            if mounts.find(rootfs) is None:
+                return False
+            raise MountError(f"unmount {rootfs}: unmounting needs root") from None
         if exc.errno == errno.EBUSY:
             # A process still has files open in the container's root; detach it
             # now so the image can go, the kernel frees it when they close.

@@ -29,6 +29,7 @@ from grootfs_py.locks import flock
 NOT_INITIALIZED = "Store path is not initialized. Please run init-store."
 LAYOUT = ("images", "volumes", "l", "meta", "meta/dependencies", "locks", "tmp", "projectids")
 INCOMPLETE = "-incomplete-"
+NOT_YOURS = " (a non-root user needs a store that root initialised with its id mappings)"
 
 
 class StoreInfo(NamedTuple):
@@ -45,10 +46,19 @@ def chain_id_of(volume: str) -> str:
 
 
 class Store:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, newuidmap_bin: str = "", newgidmap_bin: str = "") -> None:
         if not path:
             raise InvalidArgumentError("invalid argument: store path is empty")
         self.path = os.path.abspath(path)
+        # Rootless use (see userns.py): the helpers that map a user's subordinate ids.
+        self.newuidmap_bin = newuidmap_bin or "newuidmap"
+        self.newgidmap_bin = newgidmap_bin or "newgidmap"
+        self._idmap: IdMap | None = None
+
+    @property
+    def rootless(self) -> bool:
+        """Run by a non-root user: layers are unpacked and removed in a user namespace."""
+        return os.geteuid() != 0
 
     # Paths -----------------------------------------------------------------
 
@@ -77,12 +87,19 @@ class Store:
         return os.path.exists(self.join("meta", "namespace.json"))
 
     def require_initialized(self) -> None:
-        if not self.initialized:
-            raise StoreError(NOT_INITIALIZED)
+        try:
+            os.stat(self.join("meta", "namespace.json"))
+        except FileNotFoundError:
+            raise StoreError(NOT_INITIALIZED) from None
+        except PermissionError:
+            raise StoreError(f"read store {self.path}: Permission denied{NOT_YOURS}") from None
 
     def idmap(self) -> IdMap:
+        if self._idmap is not None:
+            return self._idmap
         try:
-            return IdMap.from_json(fsutil.read_json(self.join("meta", "namespace.json")))
+            self._idmap = IdMap.from_json(fsutil.read_json(self.join("meta", "namespace.json")))
+            return self._idmap
         except FileNotFoundError:
             raise StoreError(NOT_INITIALIZED) from None
         except (OSError, ValueError, KeyError) as exc:
@@ -110,6 +127,9 @@ class Store:
         """Make the store usable: backing filesystem (when sized), layout, mappings."""
         from grootfs_py import backing, mounts
 
+        if self.rootless:
+            # GrootFS's words.
+            raise StoreError(f"store {self.path} can only be initialized by Root user")
         quotas = False
         backing_file: str | None = None
         if size_bytes > 0:
@@ -139,8 +159,9 @@ class Store:
         fsutil.write_json(
             self.join("meta", "store.json"), {"quotas": quotas, "backing_store": backing_file}
         )
-        # Container root must be able to reach its rootfs inside the store.
-        for target in (self.path, *(self.join(sub) for sub in ("images", "l", "volumes"))):
+        # Container root must be able to reach its rootfs inside the store, and
+        # with a user's mappings (rootless) that user owns the store to work in it.
+        for target in (self.path, *(self.join(sub) for sub in LAYOUT)):
             os.chown(target, idmap.root_uid, idmap.root_gid)
         os.chmod(self.path, 0o700)
         log.info("store initialised", store=self.path, quotas=quotas, backing_store=backing_file)
@@ -149,6 +170,9 @@ class Store:
         """Remove every image and layer, unmount and remove the store."""
         from grootfs_py import backing, mounts, overlay
 
+        if self.rootless:
+            # Root made it (and mounted its backing file): root takes it away.
+            raise StoreError(f"store {self.path} can only be deleted by Root user")
         backing_file = backing.backing_path(self.path)
         if not os.path.exists(self.path) and not os.path.exists(backing_file):
             return
@@ -156,7 +180,7 @@ class Store:
         for point in mounts.under(self.path):
             overlay.unmount(point)
         backing.unmount(self.path)
-        fsutil.remove_tree(self.path)
+        self.remove_tree(self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(backing_file)
         log.info("store deleted", store=self.path)
@@ -166,6 +190,8 @@ class Store:
         from grootfs_py import quota
 
         self.require_initialized()
+        if self.rootless:
+            raise StoreError("check-quota needs root: it sets an XFS project quota")
         if not self.info().quotas:
             raise StoreError(
                 "store cannot enforce disk quotas: it is not mounted with XFS project quotas"
@@ -217,6 +243,33 @@ class Store:
             return sorted(os.listdir(self.join("images")))
         except FileNotFoundError:
             return []
+
+    def remove_tree(self, path: str) -> None:
+        """Remove *path* and everything in it; a missing path is fine.
+
+        Run by its user, a store holds files of the user's subordinate ids
+        that the user cannot remove: what is left is removed again inside a
+        user namespace with the store's mappings, where the user is root.
+        """
+        try:
+            fsutil.remove_tree(path)
+        except PermissionError:
+            if not self.rootless or self.idmap().identity:
+                raise
+            from grootfs_py import userns
+
+            userns.remove_trees(self, [path])
+
+    def content_size(self, path: str) -> int:
+        """:func:`fsutil.content_size` of *path*, walked in the user namespace if need be."""
+        try:
+            return fsutil.content_size(path)
+        except PermissionError:
+            if not self.rootless or self.idmap().identity:
+                raise
+            from grootfs_py import userns
+
+            return userns.content_size(self, path)
 
     def trash(self, path: str, label: str) -> str:
         """Rename *path* aside into tmp/ (the first phase of a two-phase delete)."""

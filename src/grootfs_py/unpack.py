@@ -19,7 +19,8 @@ and symlinks in lower layers are not visible here as each layer has its own
 directory. A hand-made layer that writes through its own symlink is refused
 rather than silently redirected. Directories are opened ``O_RDONLY`` rather
 than ``O_PATH`` so that fchown, fchmod, fsetxattr and futimens work on the
-fds themselves (the unpacker runs as root: permissions never block the open).
+fds themselves (the unpacker runs as root, or for a non-root user as root of a
+user namespace holding every id of the layer: permissions never block the open).
 
 Within one layer a whiteout only hides lower layers: a whiteout for a name
 this layer already wrote leaves a file alone and makes a directory opaque,
@@ -47,6 +48,10 @@ CHUNK_SIZE = 1 << 20
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+# Unpacked by a non-root user (rootless): the kernel keeps trusted.* for
+# CAP_SYS_ADMIN in the initial namespace, so opaque directories are marked
+# the way overlayfs reads them when mounted with -o userxattr.
+USER_OPAQUE_XATTR = "user.overlay.opaque"
 # Only the whiteout logic below may speak overlayfs: an image setting these
 # could make directories opaque or redirect lookups into other layers.
 # user.overlay.* is what overlayfs reads when mounted with -o userxattr.
@@ -80,10 +85,16 @@ def unpack_layer(
     idmap: IdMap,
     *,
     layer: str,
+    rootless: bool = False,
     base_directory: str = "",
     parent: str = "",
 ) -> UnpackResult:
     """Unpack the uncompressed tar *stream* into the empty directory *dest*.
+
+    *rootless*: run by a non-root user in a user namespace (see userns.py):
+    opaque directories get ``user.overlay.opaque``, and xattrs the kernel
+    keeps from an unprivileged process (``trusted.*``, ``security.*`` other
+    than file capabilities, as the kernel decides) are dropped and logged.
 
     The stream is read to its end, padding after the end-of-archive marker
     included, so a digest computed by a wrapping reader covers every byte.
@@ -100,7 +111,7 @@ def unpack_layer(
         except OSError as e:
             raise UnpackError(f"unpack layer {layer}: open {dest}: {e.strerror}") from e
         stack.callback(os.close, root)
-        unpacker = _Unpacker(root, idmap, layer)
+        unpacker = _Unpacker(root, idmap, layer, rootless=rootless)
         stack.callback(unpacker.close)
         if base_directory:
             unpacker.make_base(_clean(base_directory), parent)
@@ -157,10 +168,12 @@ def _join(path: Path) -> str:
 
 
 class _Unpacker:
-    def __init__(self, root: int, idmap: IdMap, layer: str) -> None:
+    def __init__(self, root: int, idmap: IdMap, layer: str, *, rootless: bool = False) -> None:
         self.root = root
         self.idmap = idmap
         self.layer = layer
+        self.rootless = rootless
+        self.opaque_xattr = USER_OPAQUE_XATTR if rootless else OPAQUE_XATTR
         # Open directories by path, least recently used first. Paths never go
         # through a symlink, so a path prefix identifies everything below it.
         self.dirs: OrderedDict[Path, int] = OrderedDict()
@@ -282,7 +295,7 @@ class _Unpacker:
             os.fchown(fd, *self.root_ids())
             os.fchmod(fd, 0o755)
             if opaque:
-                os.setxattr(fd, OPAQUE_XATTR, b"y")
+                os.setxattr(fd, self.opaque_xattr, b"y")
         except BaseException:
             os.close(fd)
             raise
@@ -358,6 +371,8 @@ class _Unpacker:
         for name, value in member.xattrs.items():
             if name.startswith(_RESERVED_XATTR_PREFIXES):
                 log.debug("skip reserved xattr", layer=self.layer, entry=member.name, xattr=name)
+            elif self.rootless and name.startswith("trusted."):
+                log.debug("skip trusted xattr: needs root", layer=self.layer, entry=member.name)
             elif not user_allowed and name.startswith("user."):
                 # The kernel keeps user.* only on regular files and directories.
                 log.debug("skip user xattr", layer=self.layer, entry=member.name, xattr=name)
@@ -365,11 +380,27 @@ class _Unpacker:
                 found.append((name, value))
         return found
 
+    def _setxattr(self, target: int | str, name: str, value: bytes, member: Entry) -> None:
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, name, value)
+            else:
+                os.setxattr(target, name, value, follow_symlinks=False)
+        except OSError as e:
+            if not self.rootless or e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            log.debug(
+                "skip xattr the kernel refuses without root",
+                layer=self.layer,
+                entry=member.name,
+                xattr=name,
+            )
+
     def _apply(self, fd: int, member: Entry, *, user_xattrs: bool, times: bool) -> None:
         # chown first: it clears setuid/setgid and security.capability.
         os.fchown(fd, *self._map(member.uid, member.gid))
         for name, value in self._xattrs(member, user_allowed=user_xattrs):
-            os.setxattr(fd, name, value)
+            self._setxattr(fd, name, value, member)
         os.fchmod(fd, member.mode & 0o7777)
         if times:
             os.utime(fd, ns=_times(member))
@@ -388,7 +419,7 @@ class _Unpacker:
         fd = self.dir_fd(path, create=False)
         self._apply(fd, member, user_xattrs=True, times=False)
         if opaque:
-            os.setxattr(fd, OPAQUE_XATTR, b"y")
+            os.setxattr(fd, self.opaque_xattr, b"y")
         # Children change a directory's mtime; set it at the end.
         self.dir_times[path] = _times(member)
 
@@ -426,7 +457,7 @@ class _Unpacker:
         # No dir_fd form of lsetxattr: name the parent through its fd instead.
         at = f"/proc/self/fd/{parent}/{name}"
         for key, value in self._xattrs(member, user_allowed=False):
-            os.setxattr(at, key, value, follow_symlinks=False)
+            self._setxattr(at, key, value, member)
         os.utime(name, ns=_times(member), dir_fd=parent, follow_symlinks=False)
 
     def _hardlink(self, path: Path, member: Entry) -> None:
@@ -463,7 +494,7 @@ class _Unpacker:
     def _whiteout(self, path: Path) -> None:
         marker = path[-1]
         if marker == OPAQUE_MARKER:
-            os.setxattr(self.dir_fd(path[:-1], create=True), OPAQUE_XATTR, b"y")
+            os.setxattr(self.dir_fd(path[:-1], create=True), self.opaque_xattr, b"y")
             return
         if marker.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             log.debug("skip reserved whiteout", layer=self.layer, entry=_join(path))
@@ -481,7 +512,7 @@ class _Unpacker:
         # A whiteout hides lower layers only. Whatever this layer already put
         # at that name hides them too; a directory must also stop merging.
         if stat.S_ISDIR(st.st_mode):
-            os.setxattr(self.dir_fd((*path[:-1], name), create=False), OPAQUE_XATTR, b"y")
+            os.setxattr(self.dir_fd((*path[:-1], name), create=False), self.opaque_xattr, b"y")
         else:
             log.debug("whiteout of an entry of the same layer", layer=self.layer, entry=name)
 

@@ -248,22 +248,36 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
     os.mkdir(tmp, 0o755)
     log.info("unpacking layer", layer=layer.label, chain_id=layer.chain_id)
     try:
-        os.chown(tmp, idmap.root_uid, idmap.root_gid)
+        if not store.rootless:
+            os.chown(tmp, idmap.root_uid, idmap.root_gid)
         compressed, decompressor, uncompressed = _open_verified(layer)
         with contextlib.closing(compressed._inner):
             try:
                 try:
                     stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
-                    result = unpack_layer(
-                        cast(BinaryIO, stream),
-                        tmp,
-                        idmap,
-                        layer=layer.label,
-                        base_directory=layer.base_directory,
-                        parent=(
-                            store.volume_dir(layer.parent_chain_id) if layer.parent_chain_id else ""
-                        ),
+                    parent = (
+                        store.volume_dir(layer.parent_chain_id) if layer.parent_chain_id else ""
                     )
+                    if store.rootless:
+                        from grootfs_py import userns
+
+                        size = userns.unpack(
+                            store,
+                            cast(BinaryIO, stream),
+                            tmp,
+                            layer=layer.label,
+                            base_directory=layer.base_directory,
+                            parent=parent,
+                        )
+                    else:
+                        size = unpack_layer(
+                            cast(BinaryIO, stream),
+                            tmp,
+                            idmap,
+                            layer=layer.label,
+                            base_directory=layer.base_directory,
+                            parent=parent,
+                        ).size_bytes
                     while uncompressed.read(1 << 20):
                         pass
                 finally:
@@ -286,7 +300,7 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
                 ):
                     raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
                 raise
-        fsutil.write_json(store.volume_meta(layer.chain_id), {"size": result.size_bytes})
+        fsutil.write_json(store.volume_meta(layer.chain_id), {"size": size})
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             linux.syncfs(fd)
@@ -299,11 +313,11 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             # Another create finished the same layer first; theirs is as good.
-            fsutil.remove_tree(tmp)
+            store.remove_tree(tmp)
     except BaseException:
-        fsutil.remove_tree(tmp)
+        store.remove_tree(tmp)
         raise
-    log.info("layer ready", layer=layer.label, size=result.size_bytes)
+    log.info("layer ready", layer=layer.label, size=size)
 
 
 def remove(store: Store, chain_id: str) -> str:
@@ -330,6 +344,6 @@ def regenerate_sizes(store: Store) -> None:
         with locks.flock(store.layer_lock(chain_id), shared=True):
             if not os.path.isdir(store.volume_dir(chain_id)):
                 continue  # removed by a clean meanwhile
-            size = fsutil.content_size(store.volume_dir(chain_id))
+            size = store.content_size(store.volume_dir(chain_id))
             fsutil.write_json(store.volume_meta(chain_id), {"size": size})
         log.info("layer size recorded", chain_id=chain_id, size=size)

@@ -1,7 +1,7 @@
 import pytest
 
 from grootfs_py.errors import InvalidArgumentError
-from grootfs_py.idmap import IdMap, IdMapping
+from grootfs_py.idmap import IdMap, IdMapping, map_arguments
 
 GARDEN = IdMap(
     (IdMapping(0, 4294967294, 1), IdMapping(1, 1, 4294967293)),
@@ -54,3 +54,20 @@ def test_overlapping_ranges_are_refused():
 
 def test_json_round_trip():
     assert IdMap.from_json(GARDEN.to_json()) == GARDEN
+
+
+def test_inside_a_namespace_the_same_ranges_map_to_themselves():
+    rootless = IdMap.of(
+        (IdMapping(0, 1001, 1), IdMapping(1, 300000, 65536)),
+        (IdMapping(0, 1002, 1), IdMapping(1, 400000, 65536)),
+    )
+    inside = rootless.inside()
+    assert (inside.host_uid(0), inside.host_uid(1), inside.host_uid(65536)) == (0, 1, 65536)
+    assert inside.host_gid(42) == 42
+    with pytest.raises(InvalidArgumentError, match="uid 65537 is not mapped"):
+        inside.host_uid(65537)
+
+
+def test_map_arguments_are_newuidmaps_triples():
+    mappings = (IdMapping(0, 1001, 1), IdMapping(1, 300000, 65536))
+    assert map_arguments(mappings) == ["0", "1001", "1", "1", "300000", "65536"]
