@@ -8,7 +8,10 @@ the plugin exactly as Garden would and judges its output as Garden would.
 
 - ``chug`` and ``relog``: lager's chug decides, line by line, whether stderr
   is a lager entry; Garden's relogger re-logs an entry at its own level and
-  any other line as a Garden *error* ``{"output": line}``.
+  any other line as a Garden *error* ``{"output": line}``. (Garden hands chug
+  each chunk a pipe read returns; the model takes the whole stderr, so a
+  line split between two reads, in a burst of more than 32 KiB, is not
+  modelled.)
 - ``Garden``: create / destroy / stats / capacity with Garden's argv, its
   unprivileged-then-privileged delete, the stats fallback, the fields it
   parses from stdout and the error text an operator sees.
