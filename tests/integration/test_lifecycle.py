@@ -69,7 +69,7 @@ def _lock_waits(log_path):
     waits = []
     for line in log_path.read_text().splitlines():
         record = json.loads(line)
-        if record["message"] == "lock waited":
+        if record["message"].endswith(".lock-waited"):
             waits.append(record["data"]["waited_s"])
     return waits
 
@@ -379,11 +379,11 @@ def test_create_with_clean_starts_a_detached_clean_that_logs_to_its_file(
     config = {"create": {"clean_log_file": str(clean_log)}}
     grootfs("create", "--with-clean", layouts["a"].ref, "c1", store=dir_store, config=config)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and "clean completed" not in (
+    while time.monotonic() < deadline and "grootfs.clean.clean-completed" not in (
         clean_log.read_text() if clean_log.exists() else ""
     ):
         time.sleep(0.1)
-    assert "clean completed" in clean_log.read_text()
+    assert "grootfs.clean.clean-completed" in clean_log.read_text()
     solo_layer = layouts["solo"].chain_ids[0].split(":")[1]
     assert solo_layer not in os.listdir(os.path.join(dir_store, "volumes"))
     _assert_rootfs_complete(dir_store, "c1", "a")
