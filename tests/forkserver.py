@@ -56,9 +56,9 @@ class Server:
             )
         # Serving, and both forkers done importing (until then the server
         # forks commands itself, which works but is not what tests look at).
-        ready = self.log().count('"message":"forker ready"') + 2
+        ready = self.log().count('.serve.forker-ready"') + 2
         deadline = time.monotonic() + 60
-        while self.log().count('"message":"forker ready"') < ready:
+        while self.log().count('.serve.forker-ready"') < ready:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"grootfs serve did not start:\n{self.log()}")
             time.sleep(0.02)

@@ -62,7 +62,9 @@ def configure(endpoint: str) -> None:
     port = int(port_text) if sep and port_text.isdigit() else 0
     if not family or not 0 < port < 65536:
         log.error(
-            "metrics disabled: metron_endpoint must be <ip address>:<port>", endpoint=endpoint
+            "metrics disabled",
+            endpoint=endpoint,
+            error="metron_endpoint must be <ip address>:<port>",
         )
         return
     _target, _family = (host, port), family

@@ -841,7 +841,7 @@ class Server:
                     self._report(conn, b)
 
     def _forker_gone(self, forker: _Forker) -> None:
-        log.error("forker died: forking commands here until it is restarted", forker=forker.name)
+        log.error("forker died", forker=forker.name, meanwhile="the server forks commands itself")
         assert forker.ctl is not None
         forker.ctl.close()
         forker.ctl = None

@@ -276,8 +276,9 @@ def _closed_port():
 
 @pytest.mark.parametrize(
     "endpoint",
-    [f"127.0.0.1:{_closed_port()}", "[::1]:9", "192.0.2.1:3457", "no-such-host.invalid:3457"],
-    ids=["nobody-listening", "ipv6-discard", "unroutable", "a-host-name"],
+    # Loopback only: this machine's tests send nothing to any other address.
+    [f"127.0.0.1:{_closed_port()}", "[::1]:9", "no-such-host.invalid:3457"],
+    ids=["nobody-listening", "ipv6-discard", "a-host-name"],
 )
 def test_without_an_agent_every_command_behaves_as_without_metrics(
     grootfs, xfs_store, images, grootfs_log, tmp_path, endpoint
@@ -297,7 +298,7 @@ def test_without_an_agent_every_command_behaves_as_without_metrics(
             out.append(grootfs(*flags, *args, store=xfs_store, config=config).stdout)
             if "--with-clean" in args:  # its clean, detached, must be done before the next phase
                 deadline = time.monotonic() + 20
-                while "clean completed" not in (
+                while ".clean-completed" not in (
                     clean_log.read_text() if clean_log.exists() else ""
                 ):
                     assert time.monotonic() < deadline, "the detached clean did not finish"
@@ -310,10 +311,14 @@ def test_without_an_agent_every_command_behaves_as_without_metrics(
     with_endpoint, clean_log = each("metrics", "--metron-endpoint", endpoint)
     assert with_endpoint == plain
     lines = grootfs_log.read_text().splitlines() + clean_log.read_text().splitlines()
-    errors = [json.loads(line)["message"] for line in lines if json.loads(line)["level"] == "error"]
+    errors = [
+        json.loads(line)["message"].rpartition(".")[2]
+        for line in lines
+        if json.loads(line)["level"] == "error"
+    ]
     if endpoint.startswith("no-such-host"):
         # Refused (no DNS lookup on every call), said by each command, never fatal.
-        assert set(errors) == {"metrics disabled: metron_endpoint must be <ip address>:<port>"}
+        assert set(errors) == {"metrics-disabled"}
         assert len(errors) == 7  # six commands and the detached clean
     else:
         assert errors == []

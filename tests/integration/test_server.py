@@ -134,7 +134,7 @@ def test_output_reaches_the_callers_own_pipes(server, dir_store):
     assert (missing.returncode, missing.stdout) == (1, "image `nope` not found\n")
     # The log line went to the caller's stderr, not the server's.
     line = json.loads(missing.stderr.splitlines()[-1])
-    assert line["message"] == "command failed"
+    assert line["message"] == "grootfs.stats.command-failed"
     assert line["data"]["command"] == "stats"
     assert "image `nope` not found" not in server.log()
 
@@ -254,9 +254,7 @@ def test_create_with_clean_starts_its_detached_clean_from_the_forked_child(
         server, "--log-file", str(log), "create", "--with-clean", tar, "w", store=dir_store
     )
     assert result.returncode == 0, result.stdout
-    fs.wait_until(
-        lambda: '"message":"clean completed"' in log.read_text(), what="the detached clean"
-    )
+    fs.wait_until(lambda: '.clean.clean-completed"' in log.read_text(), what="the detached clean")
 
 
 # -- signals and kills ---------------------------------------------------------
@@ -347,7 +345,7 @@ def test_sigterm_stops_taking_requests_and_waits_for_running_ones(own_server, di
     out, _ = shim.communicate(timeout=60)
     assert shim.returncode == 0, out
     assert own_server.proc.wait(30) == 0
-    assert '"message":"stopped"' in own_server.log()
+    assert '.serve.stopped"' in own_server.log()
 
 
 # -- security ------------------------------------------------------------------
@@ -603,14 +601,12 @@ def test_a_dead_forker_costs_speed_only_and_is_replaced(own_server, dir_store):
     for forker in forkers:
         os.kill(forker, signal.SIGKILL)
     fs.wait_until(
-        lambda: own_server.log().count('"message":"forker died') == 2, what="the deaths noticed"
+        lambda: own_server.log().count('.serve.forker-died"') == 2, what="the deaths noticed"
     )
     # The server forks the commands itself meanwhile (the fallback points nowhere).
     listed = run_shim(own_server, "list", store=dir_store)
     assert (listed.returncode, listed.stdout) == (0, "Store empty\n")
     # Both are started again (RESTART_INTERVAL after the last start) and serve.
-    fs.wait_until(
-        lambda: own_server.log().count('"message":"forker ready"') == 4, what="new forkers"
-    )
+    fs.wait_until(lambda: own_server.log().count('.serve.forker-ready"') == 4, what="new forkers")
     assert len(fs.children_of(own_server.pid)) == 2
     assert run_shim(own_server, "list", store=dir_store).returncode == 0
