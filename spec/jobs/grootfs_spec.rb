@@ -20,8 +20,10 @@ describe 'the grootfs job' do
       assert_equal '/var/vcap/data/grootfs/store/unprivileged', c['store']
       assert_equal 'info', c['log_level']
       assert_equal '/var/vcap/sys/log/grootfs/grootfs.log', c['log_file']
-      assert_equal '', c['metrics_endpoint']
+      assert_equal '127.0.0.1:3457', c['metron_endpoint']
       assert_equal({ 'with_clean' => false, 'without_mount' => false, 'insecure_registries' => [],
+                     'skip_layer_validation' => true,
+                     'remote_layer_client_certificates_path' => '/var/vcap/jobs/grootfs/config/certs',
                      'clean_log_file' => '/var/vcap/sys/log/grootfs/grootfs.clean.log' }, c['create'])
       assert_equal({ 'threshold_bytes' => 0 }, c['clean'])
       assert_equal({ 'store_size_bytes' => 0, 'with_direct_io' => false }, c['init'])
@@ -31,17 +33,17 @@ describe 'the grootfs job' do
       c = config('config/grootfs_config.yml.erb', 'grootfs' => {
                    'log_level' => 'debug', 'skip_mount' => true, 'experimental_direct_io' => true,
                    'insecure_docker_registry_list' => ['registry.local:5000', 'mirror'],
-                   'metrics_endpoint' => '127.0.0.1:8125'
+                   'dropsonde_port' => 3458
                  })
       assert_equal 'debug', c['log_level']
       assert_equal true, c['create']['without_mount']
       assert_equal ['registry.local:5000', 'mirror'], c['create']['insecure_registries']
       assert_equal true, c['init']['with_direct_io']
-      assert_equal '127.0.0.1:8125', c['metrics_endpoint']
+      assert_equal '127.0.0.1:3458', c['metron_endpoint']
     end
 
     it 'uses only keys the image-plugin contract defines' do
-      keys = %w[store log_level log_file metrics_endpoint newuidmap_bin newgidmap_bin create clean init]
+      keys = %w[store log_level log_file metron_endpoint newuidmap_bin newgidmap_bin create clean init]
       nested = {
         'create' => %w[with_clean without_mount disk_limit_size_bytes exclude_image_from_quota
                        skip_layer_validation insecure_registries clean_log_file
@@ -104,25 +106,42 @@ describe 'the grootfs job' do
     end
   end
 
-  describe 'config/tls' do
-    it 'is where both stores look for registry certificates once a grootfs.tls property is set' do
-      %w[config/grootfs_config.yml.erb config/privileged_grootfs_config.yml.erb].each do |t|
-        refute config(t)['create'].key?('remote_layer_client_certificates_path'), t
-        c = config(t, 'grootfs' => { 'tls' => { 'ca_cert' => cert } })
-        assert_equal '/var/vcap/jobs/grootfs/config/tls', c['create']['remote_layer_client_certificates_path'], t
-        c = config(t, 'grootfs' => { 'tls' => { 'cert' => cert, 'key' => key } })
-        assert_equal '/var/vcap/jobs/grootfs/config/tls', c['create']['remote_layer_client_certificates_path'], t
-      end
-      assert_equal %w[ca.crt client.cert client.key],
-                   job.spec['templates'].values.grep(%r{^config/tls/}).map { |f| File.basename(f) }.sort
+  describe 'remote-layer certificates' do
+    let(:both) { %w[config/grootfs_config.yml.erb config/privileged_grootfs_config.yml.erb] }
+
+    it 'skips layer validation in both stores, as Garden\'s two-layer images need' do
+      both.each { |t| assert_equal true, config(t)['create']['skip_layer_validation'], t }
     end
 
-    it 'renders the client certificate, key and CA as given' do
+    it 'names the directory pre-start fills, with or without grootfs.tls properties' do
+      [{}, { 'grootfs' => { 'tls' => { 'ca_cert' => cert } } },
+       { 'grootfs' => { 'tls' => { 'cert' => cert, 'key' => key } } }].each do |props|
+        both.each do |t|
+          assert_equal '/var/vcap/jobs/grootfs/config/certs',
+                       config(t, props)['create']['remote_layer_client_certificates_path'], t
+        end
+      end
+    end
+
+    it 'renders grootfs.tls.* under garden-runc-release\'s names into config/tls' do
+      rendered = job.spec['templates'].values.grep(%r{^config/tls/}).sort
+      assert_equal %w[config/tls/remote-layer.cert config/tls/remote-layer.crt config/tls/remote-layer.key], rendered
       props = { 'grootfs' => { 'tls' => { 'cert' => cert, 'key' => key, 'ca_cert' => cert } } }
-      assert_equal cert, job.render('config/tls/client.cert.erb', props).chomp
-      assert_equal key, job.render('config/tls/client.key.erb', props).chomp
-      assert_equal cert, job.render('config/tls/ca.crt.erb', props).chomp
-      assert_equal '', job.render('config/tls/client.cert.erb').strip
+      assert_equal cert, job.render('config/tls/remote-layer.cert.erb', props).chomp
+      assert_equal key, job.render('config/tls/remote-layer.key.erb', props).chomp
+      assert_equal cert, job.render('config/tls/remote-layer.crt.erb', props).chomp
+    end
+
+    it 'renders an unset property as an empty file (pre-start leaves it out of config/certs)' do
+      %w[crt cert key].each { |ext| assert_equal '', job.render("config/tls/remote-layer.#{ext}.erb").strip }
+      refute job.spec['templates'].values.any? { |f| f.start_with?('config/certs/') }, 'pre-start fills config/certs'
+    end
+
+    it 'refuses a client certificate without its key, and a key without its certificate' do
+      [{ 'cert' => cert }, { 'key' => key }].each do |tls|
+        error = assert_raises(RuntimeError) { job.render('config/release.json.erb', 'grootfs' => { 'tls' => tls }) }
+        assert_equal 'grootfs.tls.cert and grootfs.tls.key must be set together', error.message
+      end
     end
   end
 

@@ -24,7 +24,7 @@ import os
 import time
 from typing import Literal
 
-from grootfs_py import fsutil, locks, log, overlay, volumes
+from grootfs_py import fsutil, locks, log, metrics, overlay, volumes
 from grootfs_py.errors import StoreError
 from grootfs_py.store import INCOMPLETE, Store, chain_id_of
 
@@ -65,15 +65,20 @@ def clean(
     """Collect unused layers and leftovers, one clean per store at a time."""
     store.require_initialized()
     deadline = Deadline(deadline_seconds)
+    start_ns = time.monotonic_ns()
     only_clean = locks.try_acquire(store.join("locks", "clean.lock"))
     if only_clean is None:
         log.info("clean already running")
-        return "already running"
+        return "already running"  # no metric: this run did no cleaning to time
+    metrics.EXCLUSIVE_LOCKS.add(time.monotonic_ns() - start_ns)
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(metrics.timed("ImageCleanTime"))
             try:
                 timeout = min(locks.DEFAULT_TIMEOUT, deadline.left())
-                stack.enter_context(store.lock(shared=True, timeout=timeout))
+                stack.enter_context(
+                    store.lock(shared=True, timeout=timeout, waits=metrics.SHARED_LOCKS)
+                )
             except StoreError:
                 deadline.left("waiting for the store lock")
                 raise

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from grootfs_py import log
+from grootfs_py import log, metrics
 from grootfs_py.config import Config
 from grootfs_py.errors import GrootError, InvalidArgumentError
 
@@ -90,6 +90,12 @@ def _no_arguments(p: argparse.ArgumentParser) -> None:
     pass
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from grootfs_py.server import DEFAULT_SOCKET
+
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="the unix socket to listen on")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "init-store": ("create and mount the store", _init_store_arguments),
     "delete-store": ("delete every image and layer and the store", _no_arguments),
@@ -105,8 +111,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         "verify the store's invariants (--repair: fix what is safe)",
         _check_store_arguments,
     ),
+    "serve": ("serve commands forked from one warm process (see grootfs-shim)", _serve_arguments),
 }
-_GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file")
+_GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file", "--metron-endpoint")
 
 
 def command_of(argv: Sequence[str]) -> str | None:
@@ -123,6 +130,25 @@ def command_of(argv: Sequence[str]) -> str | None:
         else:
             return token if token in COMMANDS else None
     return None
+
+
+_PARSERS: dict[str | None, argparse.ArgumentParser] = {}
+
+
+def warm_parsers() -> None:
+    """Build every command's parser now: the fork server does, so its children need not.
+
+    Each is also run once on a typical command line, so that argparse's
+    regular expressions are compiled and cached here, not in every child.
+    """
+    import contextlib
+
+    flags = ["--config", "c", "--store", "s", "--log-level", "info", "--log-file", "f"]
+    for name in (*COMMANDS, None):
+        parser = _PARSERS[name] = build_parser(name)
+        for tail in (["x", "y"], ["x"], []):
+            with contextlib.suppress(InvalidArgumentError):
+                parser.parse_args([*flags, *([name] if name else []), *tail])
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -142,6 +168,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--store", help="store path (overrides the config file)")
     parser.add_argument("--log-level", choices=("debug", "info", "error", "fatal"))
     parser.add_argument("--log-file", help="write JSON log lines here instead of stderr")
+    parser.add_argument("--metron-endpoint", help="send metrics to this ip:port (dropsonde, UDP)")
     # An explicit prog spares argparse formatting a usage line to make one.
     commands = parser.add_subparsers(
         dest="command", metavar="command", parser_class=_Parser, prog="grootfs"
@@ -157,7 +184,10 @@ def _configure(args: argparse.Namespace) -> Config:
     from grootfs_py import config as config_module
 
     config = config_module.load(args.config).override(
-        store=args.store, log_level=args.log_level, log_file=args.log_file
+        store=args.store,
+        log_level=args.log_level,
+        log_file=args.log_file,
+        metron_endpoint=args.metron_endpoint,
     )
     if args.command == "create":
         config = config.override(
@@ -241,6 +271,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
             _print(f"Image `{args.image}` not found. Skipping delete.")
         else:
             _print(f"Image {deleted} deleted")
+            if metrics.enabled():
+                from grootfs_py import usage
+
+                usage.send_layers(store)
     elif command == "stats":
         from grootfs_py import images
 
@@ -269,6 +303,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
                 "already running": "clean already running",
             }[outcome]
         )
+        if metrics.enabled() and outcome != "already running":
+            from grootfs_py import usage
+
+            usage.send_layers(store)
     elif command == "capacity":
         _print({"capacity": config.init.store_size_bytes})
     elif command == "init-store":
@@ -301,6 +339,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
         from grootfs_py import volumes
 
         volumes.regenerate_sizes(store)
+    elif command == "serve":
+        from grootfs_py import server
+
+        server.serve(args.socket)
 
 
 def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
@@ -327,6 +369,10 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
     _print(spec)
     if config.create.with_clean:
         _spawn_clean(config, args.config)
+    if metrics.enabled():
+        from grootfs_py import usage
+
+        usage.send_after_create(store, with_clean=config.create.with_clean)
 
 
 def _spawn_clean(config: Config, config_path: str | None = None) -> None:
@@ -351,6 +397,8 @@ def _spawn_clean(config: Config, config_path: str | None = None) -> None:
     ]
     if log_file:
         argv += ["--log-file", log_file]
+    if config.metron_endpoint:
+        argv += ["--metron-endpoint", config.metron_endpoint]
     argv += [
         "clean",
         "--threshold-bytes",
@@ -374,9 +422,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     try:
-        args = build_parser(command_of(argv)).parse_args(argv)
+        only = command_of(argv)
+        parser = _PARSERS.get(only) or build_parser(only)
+        args = parser.parse_args(argv)
         config = _configure(args)
         log.configure(config.log_level, config.log_file or None, command=args.command)
+        if config.metron_endpoint:
+            metrics.configure(config.metron_endpoint)
         _run(args, config)
     except GrootError as exc:
         message = str(exc)
@@ -392,9 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import traceback
 
         line = f"internal error: {type(exc).__name__}: {exc}"
-        log.error("internal error", error=line, traceback=traceback.format_exc())
+        log.error("internal error", error=line, trace=traceback.format_exc())
         _print(line)
         return 1
     finally:
+        # After the answer: what was recorded goes out even when the command failed.
+        metrics.SHARED_LOCKS.record_total()
+        metrics.EXCLUSIVE_LOCKS.record_each()
+        metrics.flush()
         log.close()
     return 0

@@ -47,7 +47,7 @@ class Config(NamedTuple):
     store: str = DEFAULT_STORE
     log_level: str = "info"
     log_file: str = ""
-    metrics_endpoint: str = ""
+    metron_endpoint: str = ""  # host:port of the loggregator agent's dropsonde UDP port
     newuidmap_bin: str = ""
     newgidmap_bin: str = ""
     create: CreateConfig = CreateConfig()

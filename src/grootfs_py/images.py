@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from grootfs_py import fsutil, locks, log, overlay, sources, volumes
+from grootfs_py import fsutil, locks, log, metrics, overlay, sources, volumes
 from grootfs_py.errors import InvalidArgumentError, StoreError
 from grootfs_py.idmap import IdMap
 from grootfs_py.store import Store
@@ -40,6 +40,12 @@ def check_id(image_id: str) -> None:
 
 def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dict[str, Any]:
     """Create the image and return the runtime-spec JSON Garden reads."""
+    # Timed whether it succeeds or not, as GrootFS times it.
+    with metrics.timed("ImageCreationTime"):
+        return _create(store, url, image_id, options)
+
+
+def _create(store: Store, url: str, image_id: str, options: CreateOptions) -> dict[str, Any]:
     check_id(image_id)
     store.require_initialized()
     if store.rootless:
@@ -50,7 +56,7 @@ def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dic
         )
     idmap = store.idmap()
     image_dir = store.image_dir(image_id)
-    with store.lock(shared=True):
+    with store.lock(shared=True, waits=metrics.SHARED_LOCKS):
         if os.path.lexists(image_dir) and not _take_over_unfinished(store, image_id):
             raise StoreError(f"image for id `{image_id}` already exists")
         image = sources.resolve(url, options.source)
@@ -203,7 +209,10 @@ def _claim(store: Store, image_id: str, image_dir: str) -> int:
             if _take_over_unfinished(store, image_id):
                 continue
             raise StoreError(f"image for id `{image_id}` already exists") from None
-        fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # a clean took it for debris even before we opened it
         try:
             locks.wait(fd, image_dir)
             if _same_inode(fd, image_dir):
@@ -303,7 +312,12 @@ def delete(store: Store, id_or_path: str) -> str | None:
     check_id(image_id)
     image_dir = store.image_dir(image_id)
     if not os.path.lexists(image_dir):
-        return None
+        return None  # as GrootFS: no metric for an image that is not there
+    with metrics.timed("ImageDeletionTime"):
+        return _delete(store, image_id, image_dir)
+
+
+def _delete(store: Store, image_id: str, image_dir: str) -> str | None:
     with store.lock(shared=True):
         try:
             fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -328,8 +342,11 @@ def remove(store: Store, image_id: str) -> bool:
     """
     image_dir = store.image_dir(image_id)
     project_id = 0
+    chain_ids: list[str] = []
     with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-        project_id = int(fsutil.read_json(os.path.join(image_dir, IMAGE_JSON)).get("project_id", 0))
+        record = fsutil.read_json(os.path.join(image_dir, IMAGE_JSON))
+        project_id = int(record.get("project_id", 0))
+        chain_ids = [c for c in record.get("layers", ()) if isinstance(c, str)]
     overlay.unmount(os.path.join(image_dir, "rootfs"))
     trashed = store.trash(image_dir, f"image-{image_id}")
     if not trashed:
@@ -342,10 +359,22 @@ def remove(store: Store, image_id: str) -> bool:
         # Never remove a tree through a live mount.
         raise StoreError(f"delete image {image_id}: {left[0]} is still mounted")
     _unlink_quietly(store.dependency_file(image_id))
+    _mark_released(store, chain_ids)
     store.remove_tree(trashed)
     if project_id:
         release_project(store, project_id)
     return True
+
+
+def _mark_released(store: Store, chain_ids: Sequence[str]) -> None:
+    """Touch the size records of the layers an image let go of.
+
+    A layer's record then dates its last release (or its unpack), which is
+    how the metrics tell how long an unused layer has waited for a clean.
+    """
+    for chain_id in chain_ids:
+        with contextlib.suppress(OSError):
+            os.utime(store.volume_meta(chain_id))
 
 
 def list_paths(store: Store) -> list[str]:

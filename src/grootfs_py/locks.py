@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 from grootfs_py import log
 from grootfs_py.errors import StoreError
+from grootfs_py.metrics import LockWait
 
 DEFAULT_TIMEOUT = 300.0
 # Waits longer than this are logged at info, so a loaded store shows its contention.
@@ -73,14 +74,26 @@ def _open(path: str) -> int:
         raise StoreError(f"open lock {path}: {exc.strerror}{hint}") from None
 
 
-def acquire(path: str, *, shared: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
-    """Open *path* (created if missing) and lock it; close the returned fd to release."""
+def acquire(
+    path: str,
+    *,
+    shared: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    waits: LockWait | None = None,
+) -> int:
+    """Open *path* (created if missing) and lock it; close the returned fd to release.
+
+    With *waits*, the time it took (open included, as GrootFS counts it) is added there.
+    """
+    start = time.monotonic_ns()
     fd = _open(path)
     try:
         wait(fd, path, shared=shared, timeout=timeout)
     except BaseException:
         os.close(fd)
         raise
+    if waits is not None:
+        waits.add(time.monotonic_ns() - start)
     return fd
 
 
@@ -107,9 +120,15 @@ def try_acquire(path: str, *, shared: bool = False) -> int | None:
 
 
 @contextlib.contextmanager
-def flock(path: str, *, shared: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
+def flock(
+    path: str,
+    *,
+    shared: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    waits: LockWait | None = None,
+) -> Iterator[None]:
     """Hold a shared or exclusive lock on *path* (created if missing) for the block."""
-    fd = acquire(path, shared=shared, timeout=timeout)
+    fd = acquire(path, shared=shared, timeout=timeout, waits=waits)
     try:
         yield
     finally:

@@ -1,30 +1,52 @@
-"""Structured logging: one JSON object a line, never on stdout.
+"""Structured logging in lager's format: one JSON object a line, never on stdout.
 
 Garden parses the plugin's stdout, so every log line goes to stderr or to the
-configured log file. Each line holds ``timestamp`` (RFC 3339, UTC),
-``level``, ``message`` and ``data`` (a flat object of context values).
+configured log file. Garden passes stderr through lager's ``chug`` and re-logs
+each line that parses as a lager entry at that entry's level; any other line
+becomes a Garden *error*. So a line is what GrootFS's lager "pretty" sink
+writes, field for field::
+
+    {"timestamp":"2026-11-30T10:43:33.579306105Z","level":"info","source":"grootfs",
+     "message":"grootfs.create.image-created","data":{"id":"web-1","session":"1"}}
+
+``timestamp`` is RFC 3339 in UTC with nanoseconds, ``level`` one of debug,
+info, error, fatal, ``message`` ``grootfs.<command>.<event>`` with the event
+in kebab case, and ``data`` always an object (Garden's relogger adds
+``original_timestamp`` to it) whose ``session``, ``error`` and ``trace``, which
+chug insists on reading as strings, are strings.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import IO, Any
 
 LEVELS = {"debug": 0, "info": 1, "error": 2, "fatal": 3}
+SOURCE = "grootfs"
+# Keys chug reads out of ``data`` as strings: any other type there makes it
+# treat the whole line as not lager (and Garden logs it as an error).
+_STRING_KEYS = ("session", "error", "trace")
 
 _threshold = LEVELS["info"]
 _stream: IO[str] = sys.stderr
 _owned: IO[str] | None = None
 _session: dict[str, Any] = {}
 _path: str | None = None
+_prefix = SOURCE
+_events: dict[str, str] = {}
 
 
 def configure(level: str, path: str | None = None, **session: Any) -> None:
-    """Set the minimum level, the destination, and values added to every line."""
-    global _threshold, _stream, _owned, _path
+    """Set the minimum level, the destination, and values added to every line.
+
+    A ``command`` value names the lager session (``grootfs.<command>``) instead
+    of going into ``data``, as GrootFS's per-command loggers do.
+    """
+    global _threshold, _stream, _owned, _path, _prefix
     _threshold = LEVELS[level]
     _path = path or None
     if path:
@@ -34,6 +56,8 @@ def configure(level: str, path: str | None = None, **session: Any) -> None:
         close()
         _owned = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives until close())
         _stream = _owned
+    command = session.pop("command", None)
+    _prefix = f"{SOURCE}.{command}" if command else SOURCE
     _session.clear()
     _session.update(session)
 
@@ -56,13 +80,32 @@ def enabled(level: str) -> bool:
     return LEVELS[level] >= _threshold
 
 
+def event_name(message: str) -> str:
+    """``"lock waited"`` -> ``"lock-waited"``: lager's action names are kebab case."""
+    name = _events.get(message)
+    if name is None:
+        name = re.sub(r"[^a-z0-9]+", "-", message.lower()).strip("-") or "log"
+        _events[message] = name
+    return name
+
+
 def _emit(level: str, message: str, data: dict[str, Any]) -> None:
     if LEVELS[level] < _threshold:
         return
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+    fields = {**_session, **data, "session": "1"}
+    for key in _STRING_KEYS:
+        if key in fields and not isinstance(fields[key], str):
+            fields[key] = str(fields[key])
     line = json.dumps(
-        {"timestamp": stamp, "level": level, "message": message, "data": {**_session, **data}},
+        {
+            "timestamp": stamp,
+            "level": level,
+            "source": SOURCE,
+            "message": f"{_prefix}.{event_name(message)}",
+            "data": fields,
+        },
         default=str,
         separators=(",", ":"),
     )
@@ -83,7 +126,7 @@ def info(message: str, **data: Any) -> None:
 
 
 def warning(message: str, **data: Any) -> None:
-    # The contract knows no "warn" level; warnings are info lines flagged as such.
+    # lager knows no "warn" level; warnings are info lines flagged as such.
     _emit("info", message, {"warning": True, **data})
 
 

@@ -24,7 +24,8 @@ from typing import NamedTuple
 from grootfs_py import fsutil, log
 from grootfs_py.errors import InvalidArgumentError, StoreError
 from grootfs_py.idmap import IdMap
-from grootfs_py.locks import flock
+from grootfs_py.locks import DEFAULT_TIMEOUT, flock
+from grootfs_py.metrics import LockWait
 
 NOT_INITIALIZED = "Store path is not initialized. Please run init-store."
 LAYOUT = ("images", "volumes", "l", "meta", "meta/dependencies", "locks", "tmp", "projectids")
@@ -115,10 +116,14 @@ class Store:
             raise StoreError(f"read store metadata: {exc}") from None
 
     @contextlib.contextmanager
-    def lock(self, *, shared: bool, timeout: float | None = None) -> Iterator[None]:
+    def lock(
+        self, *, shared: bool, timeout: float | None = None, waits: LockWait | None = None
+    ) -> Iterator[None]:
         """The store-wide lock: create, delete and clean share it; check-store takes it alone."""
-        kwargs = {} if timeout is None else {"timeout": timeout}
-        with flock(self.join("locks", "store.lock"), shared=shared, **kwargs):
+        path = self.join("locks", "store.lock")
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT
+        with flock(path, shared=shared, timeout=timeout, waits=waits):
             yield
 
     # Lifecycle -------------------------------------------------------------

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
-from grootfs_py import fsutil, locks, log, overlay
+from grootfs_py import fsutil, locks, log, metrics, overlay
 from grootfs_py.digest import VerifyingReader
 from grootfs_py.errors import (
     GrootError,
@@ -102,7 +102,9 @@ def in_use(
         for layer in layers:
             if layer.chain_id in missing:
                 continue
-            fd = locks.acquire(store.layer_lock(layer.chain_id), shared=True)
+            fd = locks.acquire(
+                store.layer_lock(layer.chain_id), shared=True, waits=metrics.SHARED_LOCKS
+            )
             if os.path.isdir(store.volume_dir(layer.chain_id)):
                 fds.append(fd)
             else:
@@ -141,6 +143,7 @@ def _acquire(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) ->
     """
     path = store.layer_lock(layer.chain_id)
     final = store.volume_dir(layer.chain_id)
+    start_ns = time.monotonic_ns()
     end = time.monotonic() + locks.DEFAULT_TIMEOUT
     while True:
         left = end - time.monotonic()
@@ -150,12 +153,17 @@ def _acquire(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) ->
             )
         fd = locks.acquire(path, shared=True, timeout=left)  # waits out an unpack or a clean
         if os.path.isdir(final):
+            if start_ns:  # another create unpacked it while we waited
+                metrics.EXCLUSIVE_LOCKS.add(time.monotonic_ns() - start_ns)
             return fd
         os.close(fd)
         unpacker = locks.try_acquire(path)
         if unpacker is None:
             time.sleep(0.01)  # another create got there first, or is only looking
             continue
+        # GrootFS's ExclusiveLockingTime: how long getting a missing layer's lock took.
+        metrics.EXCLUSIVE_LOCKS.add(time.monotonic_ns() - start_ns)
+        start_ns = 0
         try:
             if not os.path.isdir(final):
                 _unpack(store, layer, idmap, budget)
@@ -240,6 +248,12 @@ def _blame_the_blob(compressed: VerifyingReader, error: BaseException) -> None:
 
 
 def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = None) -> None:
+    # GrootFS's DownloadTime spans the whole layer: fetched, unpacked and in place.
+    with metrics.timed("DownloadTime"):
+        _fetch_and_unpack(store, layer, idmap, budget)
+
+
+def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) -> None:
     from grootfs_py import linux
     from grootfs_py.unpack import unpack_layer
 
@@ -251,7 +265,9 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
         if not store.rootless:
             os.chown(tmp, idmap.root_uid, idmap.root_gid)
         compressed, decompressor, uncompressed = _open_verified(layer)
-        with contextlib.closing(compressed._inner):
+        # UnpackTime: reading the stream into the directory, verified (the
+        # download streams through it, so its time is in there too).
+        with contextlib.closing(compressed._inner), metrics.timed("UnpackTime"):
             try:
                 try:
                     stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)

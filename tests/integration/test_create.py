@@ -13,6 +13,12 @@ import imagefactory as f
 from grootfs_py import mounts
 
 
+@pytest.fixture(params=["python", "shim"])
+def grootfs_via(request):
+    """Every test here runs through the Python command and through shim and server."""
+    return request.param
+
+
 def _create(grootfs, store, url, image_id, *flags):
     out = grootfs("create", *flags, url, image_id, store=store).stdout
     lines = out.splitlines()
@@ -310,7 +316,9 @@ def test_log_lines_are_json_and_never_on_stdout(tmp_path):
     )
     assert result.stdout == ""
     lines = [json.loads(line) for line in result.stderr.splitlines()]
-    assert lines and all(set(e) == {"timestamp", "level", "message", "data"} for e in lines)
+    keys = {"timestamp", "level", "source", "message", "data"}
+    assert lines and all(set(e) == keys and e["source"] == "grootfs" for e in lines)
+    assert all(e["message"].startswith("grootfs.init-store.") for e in lines)
     subprocess.run(
         [sys.executable, "-m", "grootfs_py", "--store", store, "delete-store"],
         check=True,

@@ -161,9 +161,10 @@ def test_an_unexpected_exception_is_one_internal_error_line(tmp_path):
     assert result.stdout == 'internal error: RuntimeError: boom\\n{"forged": true}\n'
     assert result.stderr == ""
     record = json.loads(log_file.read_text().splitlines()[-1])
-    assert record["message"] == "internal error"
-    assert "Traceback (most recent call last)" in record["data"]["traceback"]
-    assert "RuntimeError: boom" in record["data"]["traceback"]
+    assert record["message"] == "grootfs.list.internal-error"
+    assert record["level"] == "error"
+    assert "Traceback (most recent call last)" in record["data"]["trace"]
+    assert "RuntimeError: boom" in record["data"]["trace"]
 
 
 def _gzip_bomb(size: int) -> bytes:

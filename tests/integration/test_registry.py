@@ -226,26 +226,26 @@ def test_registry_asking_for_a_client_certificate_gets_one_from_the_config(
 def test_top_level_certificates_serve_every_registry_and_empty_files_are_unset(
     grootfs, dir_store, mtls_registry, tls_registry, tmp_path, monkeypatch
 ):
-    # The BOSH job renders grootfs.tls.{cert,key,ca_cert} as client.cert, client.key and
-    # ca.crt in one directory for all registries; an unset property is an empty file.
+    # The BOSH job installs grootfs.tls.{cert,key,ca_cert} as remote-layer.cert, .key and
+    # .crt (Garden's names) in one directory for all registries and remote layers.
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     client, ca = mtls_registry.client, mtls_registry.ca
     certs = tmp_path / "tls"
     certs.mkdir()
-    (certs / "client.cert").write_bytes(client.cert.read_bytes())
-    (certs / "client.key").write_bytes(client.key.read_bytes())
-    (certs / "ca.crt").write_bytes(ca.cert.read_bytes())
+    (certs / "remote-layer.cert").write_bytes(client.cert.read_bytes())
+    (certs / "remote-layer.key").write_bytes(client.key.read_bytes())
+    (certs / "remote-layer.crt").write_bytes(ca.cert.read_bytes())
     config = {"store": dir_store, "create": {"remote_layer_client_certificates_path": str(certs)}}
     mtls_url = f"docker://{mtls_registry.registry.host}/busybox"
     spec = _create(grootfs, None, mtls_url, "mtls", config=config)
     assert spec["process"]["env"][1] == "GREETING=from-the-registry"
 
-    (certs / "client.cert").write_text("")
-    (certs / "client.key").write_text("")
+    (certs / "remote-layer.cert").write_text("")
+    (certs / "remote-layer.key").write_text("")
     tls_url = f"docker://{tls_registry.registry.host}/busybox"
-    spec = _create(grootfs, None, tls_url, "tls", config=config)  # trusted through ca.crt
+    spec = _create(grootfs, None, tls_url, "tls", config=config)  # trusted through remote-layer.crt
     assert spec["process"]["env"][1] == "GREETING=from-the-registry"
-    (certs / "ca.crt").write_text("")
+    (certs / "remote-layer.crt").write_text("")
     assert _fails(grootfs, dir_store, tls_url, config=config) == INSECURE
 
 

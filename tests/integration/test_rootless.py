@@ -296,7 +296,7 @@ def test_user_creates_an_image_whose_layers_carry_mapped_owners(rootless: Rootle
     assert caps[3] == 3 and int.from_bytes(caps[20:24], "little") == u.uid
     assert os.getxattr(base / "bin/ping", "user.note") == b"kept"
     assert os.listxattr(base / "etc/trusted") == []
-    assert "skip trusted xattr: needs root" in rootless.log.read_text()
+    assert ".skip-trusted-xattr-needs-root" in rootless.log.read_text()
     # Whiteouts are character devices 0/0; opaque directories use overlay's user xattr.
     gone = (top / "gone").lstat()
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
@@ -388,7 +388,7 @@ def test_runc_runs_the_users_image_as_root_with_the_users_mappings(
     )
     assert rootless.ok("list").strip() == "Store empty"
     assert rootless.ok("clean").strip() == "clean completed"
-    assert "cannot remove leftover without root" in rootless.log.read_text()
+    assert ".cannot-remove-leftover-without-root" in rootless.log.read_text()
     assert rootless.volumes() == []
     assert len(os.listdir(os.path.join(rootless.store, "tmp"))) == 1
     assert grootfs("clean", store=rootless.store).stdout.strip() == "clean completed"
@@ -500,7 +500,7 @@ def test_the_clean_started_by_create_with_clean_maps_ids_with_the_configured_bin
     new_image = _image(rootless, "new", [[*f.busybox_layer(), f.file("new", b"new")]])
     rootless.ok("create", "--without-mount", "--with-clean", new_image, "new")
     deadline = time.monotonic() + 30
-    while '"message":"clean completed"' not in rootless.log.read_text():
+    while '"message":"grootfs.clean.clean-completed"' not in rootless.log.read_text():
         assert time.monotonic() < deadline, "the detached clean did not finish"
         time.sleep(0.1)
     assert not set(old_layers) & set(rootless.volumes())
@@ -508,3 +508,40 @@ def test_the_clean_started_by_create_with_clean_maps_ids_with_the_configured_bin
     # One more unpack, and the clean removing the old base layer (its home/vcap
     # is uid 1000's) through the configured binary.
     assert len(calls.read_text().splitlines()) == 4
+
+
+def test_user_creates_gardens_two_layer_app_image(rootless: Rootless, tmp_path: Path) -> None:
+    """The droplet (from nginx) unpacks under /home/vcap in the user's namespace."""
+    import hashlib
+
+    import blobstore
+    import gardenlayout
+
+    u = rootless.user
+    stack = str(rootless.work / "rootfs.tar")
+    f.write_tarball(stack, _layers()[0])
+    os.chmod(stack, 0o644)
+    root = tmp_path / "blobs"
+    root.mkdir()
+    droplet = f.compress(f.layer_tar([f.file("app/run", b"run", uid=2000, gid=2000)]), "gzip")
+    (root / "droplet.tgz").write_bytes(droplet)
+    with blobstore.Blobstore(tmp_path / "nginx", root) as store:
+        image = gardenlayout.write(
+            str(rootless.work / "depot" / "image"),
+            stack,
+            f"{store.url}/droplet.tgz",
+            hashlib.sha256(droplet).hexdigest(),
+        )
+        for dirpath, dirs, _ in os.walk(image.path):
+            for d in dirs:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+        spec = json.loads(
+            rootless.ok("create", "--without-mount", "--skip-layer-validation", image.url, "app")
+        )
+    droplet_volume = _volume(rootless, spec, 1)
+    vcap = (droplet_volume / "home/vcap").lstat()
+    # The stack's /home/vcap (1000:1000, 0750), mapped: subid + 999.
+    assert (vcap.st_uid, vcap.st_gid) == (u.subid + 999, u.subid + 999)
+    assert stat.S_IMODE(vcap.st_mode) == 0o750
+    run = (droplet_volume / "home/vcap/app/run").lstat()
+    assert (run.st_uid, run.st_gid) == (u.subid + 1999, u.subid + 1999)

@@ -18,11 +18,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from bosh import ROOT, Namespace, package_names, render_job
 
+import garden
 import imagefactory as f
+import registry as reg
+from blobstore import Blobstore
 
 GiB = 1024**3
 MiB = 1024**2
@@ -316,3 +320,301 @@ def test_restart_and_reboot_keep_the_stores_and_their_images(cell, oci_image):
     listed = cell.grootfs("unprivileged", "list").split()
     assert listed == [f"{STORES['unprivileged']}/images/survivor"]
     assert cell.grootfs("unprivileged", "delete", "survivor").startswith("Image ")
+
+
+# A fake loggregator agent for the metrics test: run in a network namespace of
+# its own (inside the cell's mount namespace) so that it can take the agent's
+# real port, 127.0.0.1:3457, which the job renders into both configs. It runs
+# Garden's calls, waits for the cleans they start, and prints every datagram.
+_AGENT = """
+import json, os, socket, subprocess, sys, time
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 3457))
+answers = [subprocess.run(argv, capture_output=True, text=True).returncode
+           for argv in json.loads(sys.argv[1])]
+deadline = time.monotonic() + 60
+def cleans_running():
+    found = False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+        except OSError:
+            continue
+        found = found or (b"clean" in argv and b"--metron-endpoint" in argv)
+    return found
+while cleans_running() and time.monotonic() < deadline:
+    time.sleep(0.05)
+sock.settimeout(0.5)
+datagrams = []
+while True:
+    try:
+        datagrams.append(sock.recv(65536).hex())
+    except TimeoutError:
+        break
+print(json.dumps({"answers": answers, "datagrams": datagrams}))
+"""
+
+
+def test_a_fake_loggregator_agent_on_port_3457_receives_the_creates_and_deletes_metrics(
+    cell, oci_image
+):
+    import sys
+    from collections import Counter
+
+    import agent
+
+    for store in STORES:
+        assert cell.config(store)["metron_endpoint"] == "127.0.0.1:3457"
+    calls = [
+        [GROOTFS, "--config", CONFIGS[store], *args]
+        for store in STORES
+        for args in (("create", oci_image, f"metrics-{store}"), ("delete", f"metrics-{store}"))
+    ]
+    out = cell.run(["unshare", "--net", sys.executable, "-c", _AGENT, json.dumps(calls)]).stdout
+    report = json.loads(out)
+    assert report["answers"] == [0, 0, 0, 0]
+    got = [agent.decode(bytes.fromhex(d)) for d in report["datagrams"]]
+
+    names = Counter(agent.names(got))
+    # Per store: a create (pre-start sets create.with_clean, so its clean sends
+    # the layer sizes), that clean, and a delete. The image's layers were
+    # pulled by earlier tests' creates or are pulled now: both are right.
+    assert names["ImageCreationTime"] == 2
+    assert names["ImageDeletionTime"] == 2
+    assert names["ImageCleanTime"] == 2
+    assert names["UsedBackingStoreInBytes"] == 2
+    assert names["CommittedQuotaInBytes"] == 2
+    assert names["UsedLayersSize"] == names["UnusedLayersSize"] == 4  # two cleans, two deletes
+    assert names["DownloadTime"] == names["UnpackTime"] <= 4
+    for m in got:
+        if m.name.endswith("Time"):
+            assert m.unit == "nanos" and m.value > 0, m
+        elif m.name.endswith("Percentage"):
+            assert m.unit == "percentage" and 0 <= m.value <= 100, m
+        elif m.name == "OldestUnusedLayerAge":
+            assert m.unit == "seconds" and m.value >= 0, m
+        else:
+            assert m.unit == "bytes" and m.value >= 0, m
+    backing = [m.value for m in got if m.name == "UsedBackingStoreInBytes"]
+    assert all(v > 0 for v in backing)
+
+
+# ---------------------------------------------------------------------------
+# Diego on the cell: Garden's calls, made by the emulator in tests/garden.py
+# ---------------------------------------------------------------------------
+
+STACK = "/var/vcap/packages/cflinuxfs4/rootfs.tar"  # unresolved: the package dir is a symlink
+DEPOT = "/var/vcap/data/garden/depot"  # where garden-runc-release keeps it
+VCAP = 2000  # the stack's vcap user
+
+
+class Diego:
+    """What the cell's rep has to work with: Garden (emulated), a registry, a blobstore."""
+
+    def __init__(self, cell: Cell, work: Path) -> None:
+        self.cell = cell
+        self.work = work
+        self.garden = garden.Garden(
+            GROOTFS,
+            CONFIGS["unprivileged"],
+            CONFIGS["privileged"],
+            DEPOT,
+            run=lambda argv: cell.run(argv, check=False),
+        )
+        self.pki = work / "pki"
+        self.ca = reg.make_ca(self.pki)
+        self.server = reg.make_cert(self.pki, "server", self.ca, server=True)
+        self.client = reg.make_cert(self.pki, "client", self.ca, server=False)
+        self.registry: reg.Registry | None = None
+        self.blobstore: Blobstore | None = None
+        self.docker_url = ""
+        self.droplet_url = ""
+        self.droplet_digest = ""
+
+    def redeploy_with_certificates(self) -> None:
+        """A deploy that sets grootfs.tls.*: BOSH renders the job again, pre-start runs."""
+        props = {
+            **PROPERTIES["grootfs"],
+            "tls": {
+                "ca_cert": self.ca.cert.read_text(),
+                "cert": self.client.cert.read_text(),
+                "key": self.client.key.read_text(),
+            },
+        }
+        rendered = self.work / "job-tls"
+        render_job("grootfs", {"grootfs": props}, rendered)
+        self.cell.run(["cp", "-a", f"{rendered}/.", "/var/vcap/data/jobs/grootfs/"])
+        self.cell.run([f"{JOB}/bin/pre-start"], timeout=300)
+
+    def install_stack(self) -> None:
+        """A cflinuxfs4-like stack package: a plain tar, where Diego's preloaded rootfs points."""
+        tar = f.write_tarball(
+            str(self.work / "rootfs.tar"),
+            [
+                *f.busybox_layer(),
+                f.file("etc/stack", b"cflinuxfs4\n"),
+                f.directory("home"),
+                f.directory("home/vcap", mode=0o750, uid=VCAP, gid=VCAP),
+            ],
+        )
+        target = "/var/vcap/data/packages/cflinuxfs4/0123abcd"
+        self.cell.run(["mkdir", "-p", target])
+        self.cell.run(["cp", tar, f"{target}/rootfs.tar"])
+        self.cell.run(["ln", "-sfn", target, "/var/vcap/packages/cflinuxfs4"])
+
+    def start_registry(self) -> str:
+        """A TLS registry whose certificate only the job's remote-layer.crt makes trusted."""
+        storage = self.work / "registry-storage"
+        layout = f.write_oci_layout(
+            str(self.work / "docker-app"),
+            [f.busybox_layer(), [f.file("etc/motd", b"hello from a docker app\n")]],
+            tag="v1",
+            env=["PATH=/bin", "GREETING=docker"],
+        )
+        with reg.Registry(self.work / "push-registry", storage) as open_registry:
+            reg.push(layout.path, "v1", open_registry.host, "apps/docker-app:v1")
+        self.registry = reg.Registry(self.work / "registry", storage, tls=self.server).start()
+        return f"docker://{self.registry.host}/apps/docker-app#v1"
+
+    def start_blobstore(self) -> None:
+        """The droplet blobstore: nginx over HTTPS asking for the job's client certificate."""
+        blobs = self.work / "blobs"
+        (blobs / "droplets").mkdir(parents=True)
+        droplet = f.compress(
+            f.layer_tar(
+                [
+                    f.directory("app", uid=VCAP, gid=VCAP),
+                    f.file("app/index.html", b"hello from a droplet\n", uid=VCAP, gid=VCAP),
+                ]
+            ),
+            "gzip",
+        )
+        (blobs / "droplets" / "web-droplet.tgz").write_bytes(droplet)
+        self.droplet_digest = f.sha256(droplet).removeprefix("sha256:")
+        self.blobstore = Blobstore(
+            self.work / "nginx", blobs, tls=self.server, client_ca=self.ca.cert
+        ).start()
+        self.droplet_url = f"{self.blobstore.url}/droplets/web-droplet.tgz"
+
+    def two_layer_rootfs(self) -> str:
+        """The rootfs Diego's rep sends for a buildpack app in two-layer mode."""
+        query = urlencode(
+            {
+                "layer": self.droplet_url,
+                "layer_path": "/home/vcap",
+                "layer_digest": self.droplet_digest,
+            }
+        )
+        return f"preloaded+layer:{STACK}?{query}"
+
+    def volumes(self, store: str) -> list[str]:
+        return self.cell.run(["ls", f"{STORES[store]}/volumes"]).stdout.split()
+
+    def run_in(self, container: garden.Container, script: str) -> list[str]:
+        spec = {"root": {"path": container.spec.root_path}, "process": {"env": container.spec.env}}
+        mapped = not container.privileged
+        return self.cell.runc_run(spec, ["/bin/sh", "-c", script], mapped).splitlines()
+
+    def stop(self) -> None:
+        if self.registry is not None:
+            self.registry.stop()
+        if self.blobstore is not None:
+            self.blobstore.stop()
+
+
+@pytest.fixture(scope="module")
+def diego(cell):
+    work = Path(tempfile.mkdtemp(prefix="diego-", dir=cell.work))
+    work.chmod(0o755)
+    d = Diego(cell, work)
+    try:
+        d.redeploy_with_certificates()
+        d.install_stack()
+        d.docker_url = d.start_registry()
+        d.start_blobstore()
+        yield d
+    finally:
+        d.stop()
+
+
+def test_a_redeploy_installs_the_set_certificates_for_both_stores(diego):
+    certs = diego.cell.run(["ls", f"{JOB}/config/certs"]).stdout.split()
+    assert certs == ["remote-layer.cert", "remote-layer.crt", "remote-layer.key"]
+    for store in STORES:
+        create = diego.cell.config(store)["create"]
+        assert create["remote_layer_client_certificates_path"] == f"{JOB}/config/certs"
+        assert create["skip_layer_validation"] is True
+
+
+def test_diego_runs_a_docker_app_from_a_registry_the_job_certificates_trust(diego):
+    app = diego.garden.create("docker-app-1", diego.docker_url)
+    assert diego.garden.calls[-1].argv[-2] == diego.docker_url.replace("#", ":")
+    assert app.spec.root_path == f"{STORES['unprivileged']}/images/docker-app-1/rootfs"
+    assert "GREETING=docker" in app.spec.env
+    assert diego.run_in(app, "cat /etc/motd; id -u") == ["hello from a docker app", "0"]
+
+
+def test_diego_runs_a_privileged_task_on_the_plain_stack(diego):
+    task = diego.garden.create("task-1", STACK, privileged=True)
+    assert task.spec.root_path == f"{STORES['privileged']}/images/task-1/rootfs"
+    assert diego.run_in(task, "cat /etc/stack; id -u; stat -c %u /home/vcap") == [
+        "cflinuxfs4",
+        "0",
+        str(VCAP),
+    ]
+
+
+def test_diego_runs_a_buildpack_app_in_two_layer_mode(diego):
+    before = diego.volumes("unprivileged")
+    app = diego.garden.create("web-1", diego.two_layer_rootfs())
+    # Garden wrote the app's layout in its depot and passed that to create.
+    assert diego.garden.calls[-1].argv[-2:] == [f"oci://{DEPOT}/web-1/image", "web-1"]
+    assert diego.run_in(
+        app, "cat /home/vcap/app/index.html /etc/stack; stat -c '%u %a' /home/vcap /home/vcap/app"
+    ) == ["hello from a droplet", "cflinuxfs4", f"{VCAP} 750", f"{VCAP} 755"]
+    # The droplet came once from the blobstore, which only serves the job's client certificate.
+    size = (diego.work / "blobs" / "droplets" / "web-droplet.tgz").stat().st_size
+    assert diego.blobstore.requests("/droplets/web-droplet.tgz") == [
+        f"GET /droplets/web-droplet.tgz 200 {size}"
+    ]
+    added = sorted(set(diego.volumes("unprivileged")) - set(before))
+    assert len(added) == 2  # the stack and the droplet
+    # A plain app of the same stack (a path, as for a preloaded: rootfs) shares its volume.
+    diego.garden.create("plain-1", STACK)
+    assert sorted(set(diego.volumes("unprivileged")) - set(before)) == added
+
+
+def test_garden_stats_every_container_falling_back_for_privileged_ones(diego):
+    assert diego.garden.containers  # the tests above made some
+    for handle, container in diego.garden.containers.items():
+        diego.garden.calls.clear()
+        total, exclusive = diego.garden.stats(handle)
+        assert total > 0 and 0 <= exclusive <= total, handle
+        stores = [c.argv[2] for c in diego.garden.calls]
+        expected = ["unprivileged", "privileged"] if container.privileged else ["unprivileged"]
+        assert stores == [CONFIGS[s] for s in expected], handle
+        assert diego.garden.calls[-1].returncode == 0
+
+
+def test_garden_destroys_every_container_in_both_stores(diego):
+    for handle in list(diego.garden.containers):
+        diego.garden.calls.clear()
+        diego.garden.destroy(handle)
+        assert [(c.command, c.argv[2]) for c in diego.garden.calls] == [
+            ("delete", CONFIGS["unprivileged"]),
+            ("delete", CONFIGS["privileged"]),
+        ]
+    for store in STORES:
+        assert diego.cell.grootfs(store, "list").strip() == "Store empty"
+    assert diego.cell.run(["ls", "-A", DEPOT], check=False).stdout.strip() == ""
+
+
+def test_garden_keeps_every_line_of_both_stores_logs_at_its_level(diego):
+    for name in ("grootfs.log", "privileged_grootfs.log"):
+        text = diego.cell.run(["cat", f"/var/vcap/sys/log/grootfs/{name}"]).stdout
+        relogged = garden.relog(text)
+        assert relogged, name
+        kept = [r for r in relogged if r.entry.is_lager and r.garden_level != "crash"]
+        assert kept == relogged, [r.entry.raw for r in relogged if r not in kept][:3]
+        assert {r.entry.source for r in relogged} == {"grootfs"}

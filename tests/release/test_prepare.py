@@ -91,3 +91,61 @@ def test_prepare_refuses_bad_properties_before_writing_anything(cell):
         "prepare: grootfs.privileged_store_percent must be a whole number from 5 to 95, not `100`"
     )
     assert Path(cell.config("unprivileged")).read_text() == before
+
+
+CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+KEY = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize(
+    ("tls", "installed"),
+    [
+        ({}, []),
+        ({"ca_cert": CERT}, ["remote-layer.crt"]),
+        ({"cert": CERT, "key": KEY}, ["remote-layer.cert", "remote-layer.key"]),
+        (
+            {"cert": CERT, "key": KEY, "ca_cert": CERT},
+            ["remote-layer.cert", "remote-layer.crt", "remote-layer.key"],
+        ),
+    ],
+    ids=["none", "ca-only", "client-pair", "all"],
+)
+def test_prepare_installs_only_the_certificates_that_are_set(cell, tls, installed):
+    render_job("grootfs", {"grootfs": {"tls": tls}}, Path(cell.job_dir))
+    _point_stores_at(cell)
+    assert sorted(p.name for p in Path(cell.job_dir, "config", "tls").iterdir()) == [
+        "remote-layer.cert",
+        "remote-layer.crt",
+        "remote-layer.key",
+    ]  # BOSH renders all three, set or not
+    prep.prepare(cell, say=lambda line: None)
+    certs = Path(cell.certificates)
+    assert sorted(p.name for p in certs.iterdir()) == installed
+    for name in installed:
+        rendered = Path(cell.job_dir, "config", "tls", name)
+        assert (certs / name).read_text() == rendered.read_text()
+        assert (certs / name).stat().st_mode == rendered.stat().st_mode
+    for name in ("grootfs_config.yml", "privileged_grootfs_config.yml"):
+        config = json.loads(Path(cell.job_dir, "config", name).read_text())
+        assert config["create"]["skip_layer_validation"] is True
+        assert config["create"]["remote_layer_client_certificates_path"] == (
+            "/var/vcap/jobs/grootfs/config/certs"  # cell.certificates on a real cell
+        )
+
+
+def test_prepare_removes_a_certificate_whose_property_was_unset(cell):
+    render_job("grootfs", {"grootfs": {"tls": {"cert": CERT, "key": KEY}}}, Path(cell.job_dir))
+    _point_stores_at(cell)
+    prep.prepare(cell, say=lambda line: None)
+    render_job("grootfs", {"grootfs": {"tls": {"ca_cert": CERT}}}, Path(cell.job_dir))
+    _point_stores_at(cell)
+    prep.prepare(cell, say=lambda line: None)
+    assert [p.name for p in Path(cell.certificates).iterdir()] == ["remote-layer.crt"]
+
+
+def _point_stores_at(cell):
+    for name in ("grootfs_config.yml", "privileged_grootfs_config.yml"):
+        path = Path(cell.job_dir, "config", name)
+        data = json.loads(path.read_text())
+        data["store"] = f"{cell.data_dir}/store/{name.split('_')[0]}"
+        path.write_text(json.dumps(data))

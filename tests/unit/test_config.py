@@ -31,7 +31,7 @@ def test_every_contract_key_is_read():
 store: /s
 log_level: debug
 log_file: /l.log
-metrics_endpoint: 127.0.0.1:8125
+metron_endpoint: 127.0.0.1:3457
 newuidmap_bin: /u
 newgidmap_bin: /g
 create:
@@ -49,11 +49,11 @@ init:
   with_direct_io: true
 """
     c = config.parse(text)
-    assert (c.store, c.log_level, c.log_file, c.metrics_endpoint) == (
+    assert (c.store, c.log_level, c.log_file, c.metron_endpoint) == (
         "/s",
         "debug",
         "/l.log",
-        "127.0.0.1:8125",
+        "127.0.0.1:3457",
     )
     assert (c.newuidmap_bin, c.newgidmap_bin) == ("/u", "/g")
     assert c.create == config.CreateConfig(True, True, 10, True, True, ("r.local:5000",), "/c.log")

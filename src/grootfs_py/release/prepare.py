@@ -21,6 +21,9 @@ CONFIGS = {
     "unprivileged": "grootfs_config.yml",
     "privileged": "privileged_grootfs_config.yml",
 }
+# grootfs.tls.* as BOSH renders them (an unset property gives an empty file),
+# garden-runc-release's names for them.
+CERTIFICATES = ("remote-layer.crt", "remote-layer.cert", "remote-layer.key")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,15 @@ class Paths:
 
     def config(self, name: str) -> str:
         return os.path.join(self.job_dir, "config", CONFIGS[name])
+
+    @property
+    def rendered_certificates(self) -> str:
+        return os.path.join(self.job_dir, "config", "tls")
+
+    @property
+    def certificates(self) -> str:
+        """create.remote_layer_client_certificates_path of both configs."""
+        return os.path.join(self.job_dir, "config", "certs")
 
 
 def disk_available(path: str) -> int:
@@ -79,6 +91,35 @@ def sized_config(config: dict[str, Any], size: sizing.StoreSize) -> dict[str, An
     return out
 
 
+def install_certificates(paths: Paths) -> list[str]:
+    """Copy the non-empty rendered certificate files into the configs' directory.
+
+    BOSH renders every template, so an unset grootfs.tls.cert/key leaves an
+    empty remote-layer.cert/.key; GrootFS's rules would then fail every
+    create that fetches a remote layer. Only files with content are copied,
+    keeping the mode and owner BOSH gave them (a rootless Garden's plugin
+    must still read them); one left from an earlier run whose property is now
+    unset is removed. Returns the names installed.
+    """
+    os.makedirs(paths.certificates, mode=0o755, exist_ok=True)
+    installed = []
+    for name in CERTIFICATES:
+        target = os.path.join(paths.certificates, name)
+        try:
+            with open(os.path.join(paths.rendered_certificates, name), encoding="utf-8") as f:
+                text = f.read()
+                st = os.fstat(f.fileno())
+        except FileNotFoundError:
+            text = ""
+        if text.strip():
+            write_atomically(target, text, st.st_mode & 0o777)
+            os.chown(target, st.st_uid, st.st_gid)
+            installed.append(name)
+        elif os.path.lexists(target):
+            os.unlink(target)
+    return installed
+
+
 def prepare(paths: Paths, say: Callable[[str], None] = print) -> sizing.Plan:
     props = properties.load(os.path.join(paths.job_dir, "config", "release.json"))
     configs = {name: properties.read_json_object(paths.config(name)) for name in CONFIGS}
@@ -88,6 +129,9 @@ def prepare(paths: Paths, say: Callable[[str], None] = print) -> sizing.Plan:
         if not isinstance(store, str) or not store.startswith("/"):
             raise ReleaseError(f"{paths.config(name)}: `store` must be an absolute path")
         stores[name] = store
+
+    installed = install_certificates(paths)
+    say(f"certificates in {paths.certificates}: {', '.join(installed) or 'none'}")
 
     os.makedirs(paths.data_dir, exist_ok=True)
     plan = sizing.plan(

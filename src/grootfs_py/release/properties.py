@@ -22,7 +22,6 @@ LOG_LEVELS = ("debug", "info", "error", "fatal")
 MAX_JSON_BYTES = 8 << 20
 _CRON_FIELD = re.compile(r"^[0-9*/,-]+$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
-_ENDPOINT = re.compile(r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -68,10 +67,18 @@ def _registries(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _endpoint(name: str, value: Any) -> str:
-    if value != "" and not (isinstance(value, str) and _ENDPOINT.match(value)):
-        raise ReleaseError(f"{name} must be empty or host:port, not `{value}`")
-    return str(value)
+def _port(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ReleaseError(f"{name} must be a port number from 1 to 65535, not `{value}`")
+    return value
+
+
+def _removed_metrics_endpoint(name: str, value: Any) -> None:
+    if value is not None:
+        raise ReleaseError(
+            f"{name} was removed: metrics go to the loggregator agent at "
+            "127.0.0.1:<grootfs.dropsonde_port> (default 3457); set that port instead"
+        )
 
 
 def _pem(name: str, value: Any) -> str:
@@ -92,7 +99,8 @@ RULES: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
     "grootfs.privileged_store_percent": (_percent, 20),
     "grootfs.experimental_direct_io": (_bool, False),
     "grootfs.require_quota": (_bool, True),
-    "grootfs.metrics_endpoint": (_endpoint, ""),
+    "grootfs.dropsonde_port": (_port, 3457),
+    "grootfs.metrics_endpoint": (_removed_metrics_endpoint, None),
     "grootfs.tls.cert": (_pem, ""),
     "grootfs.tls.key": (_pem, ""),
     "grootfs.tls.ca_cert": (_pem, ""),

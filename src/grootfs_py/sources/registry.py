@@ -18,14 +18,16 @@ insecure, which allows unverified TLS and then plain HTTP. The directory
 ``certs.d``: ``<dir>/<host:port>/`` holds a client certificate (``*.cert``
 with its ``.key``) and CAs trusted besides the system's (``*.crt``); files
 directly in ``<dir>`` serve every registry without a directory of its own
-(the BOSH job renders its ``grootfs.tls.*`` properties there); empty files
-are absent ones. The HTTP itself is :mod:`.transport`'s.
+(the BOSH job renders its ``grootfs.tls.*`` properties there, and remote
+layers read them too); both follow GrootFS's rules
+(:func:`.transport.tls_files`). The HTTP itself is :mod:`.transport`'s.
 
 Faults: every request has a timeout per socket operation and is retried
 with backoff on connection errors, timeouts and 5xx; a blob cut off
 mid-way is resumed with a Range request (or re-read and skipped to where it
 stopped if the registry ignores Range), so the stream handed to the
-unpacker never repeats or loses a byte.
+unpacker never repeats or loses a byte. The blob stream is
+:class:`.download.BlobReader`, shared with remote layers of OCI layouts.
 """
 
 from __future__ import annotations
