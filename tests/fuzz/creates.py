@@ -518,17 +518,21 @@ def main() -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     work = tempfile.mkdtemp(prefix="grootfs-fuzz-")
     os.chmod(work, 0o755)
-    campaign = Campaign(work, seed)
-    campaign.setup()
-    start = time.monotonic()
     try:
-        while time.monotonic() - start < args.seconds and not (
-            args.runs and campaign.n >= args.runs
-        ):
-            campaign.one()
-        campaign.check()
-    finally:
-        campaign.teardown()
+        campaign = Campaign(work, seed)
+        campaign.setup()
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < args.seconds and not (
+                args.runs and campaign.n >= args.runs
+            ):
+                campaign.one()
+            campaign.check()
+        finally:
+            campaign.teardown()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     elapsed = time.monotonic() - start
     summary = {
         "target": "create",
