@@ -30,7 +30,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 LINTED := src tests bench demo demo/build-debian-image
 
-.PHONY: deps apt-deps lint test test-quota demo bench image clean clean-image require-root spec shim
+.PHONY: deps apt-deps lint test test-quota demo bench image clean clean-image require-root spec shim \
+	fuzz
 
 require-root:
 	@if [[ $$(id -u) -ne 0 ]]; then echo "make: this target must run as root" >&2; exit 1; fi
@@ -96,6 +97,15 @@ test-quota: deps
 # The job templates rendered through Ruby's ERB (spec/support gives BOSH's p, if_p, spec).
 spec: apt-deps
 	ruby -e 'Dir["spec/**/*_spec.rb"].sort.each { |f| require_relative f }'
+
+# Fuzzing (tests/fuzz, see README "Hostile input"): each parser target runs
+# coverage-guided under atheris for FUZZ_SECONDS, then whole creates on a real
+# loop XFS store for FUZZ_CREATE_SECONDS; prints executions and findings per
+# target, exits 1 on any finding. `make test` runs a short seeded pass.
+FUZZ_SECONDS ?= 45
+FUZZ_CREATE_SECONDS ?= 300
+fuzz: deps require-root
+	$(PY) tests/fuzz/fuzz.py --seconds $(FUZZ_SECONDS) --create-seconds $(FUZZ_CREATE_SECONDS)
 
 image: deps
 	$(PY) demo/build-debian-image

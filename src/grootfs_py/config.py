@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 from grootfs_py.errors import ConfigError, InvalidArgumentError
 
 DEFAULT_STORE = "/var/lib/grootfs/store"
+# A real config file is a few hundred bytes; a bigger one is not a config file.
+MAX_CONFIG_BYTES = 1 << 20
 LOG_LEVELS = ("debug", "info", "error", "fatal")
 
 
@@ -128,7 +130,15 @@ def _build(cls: type[Any], data: dict[str, Any], prefix: str) -> Any:
 
 
 def _load_yaml(text: str) -> Any:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"invalid config file: larger than {MAX_CONFIG_BYTES} bytes")
     if text.lstrip().startswith("{"):
+        from grootfs_py import jsonload
+
+        if jsonload.too_deep(text):
+            raise ConfigError(
+                f"invalid config file: nested deeper than {jsonload.MAX_DEPTH} levels"
+            )
         import json
 
         try:
@@ -162,7 +172,9 @@ def load(path: str | None) -> Config:
         return Config()
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"invalid config path: {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"invalid config file: {path}: not UTF-8") from None
     return parse(text)

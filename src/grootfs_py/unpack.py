@@ -133,6 +133,10 @@ def unpack_layer(
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        # A layer that expands past the store's free space (a gzip bomb, when no
+        # disk limit bounds it): said plainly, the operator's cue to set limits.
+        return "no space left in the store"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e) or type(e).__name__

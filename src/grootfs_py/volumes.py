@@ -333,6 +333,9 @@ def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget |
     except BaseException:
         store.remove_tree(tmp)
         raise
+    # Linked now, not when the whole image is ready: a create whose next layer
+    # fails keeps this one cached, and a cached layer has its link (check-store).
+    link(store, layer.chain_id)
     log.info("layer ready", layer=layer.label, size=size)
 
 
