@@ -162,7 +162,7 @@ def test_an_unexpected_exception_is_one_internal_error_line(tmp_path):
     assert result.stderr == ""
     record = json.loads(log_file.read_text().splitlines()[-1])
     assert record["message"] == "grootfs.list.internal-error"
-    assert record["level"] == "error"
+    assert record["log_level"] == 2  # error
     assert "Traceback (most recent call last)" in record["data"]["trace"]
     assert "RuntimeError: boom" in record["data"]["trace"]
 
