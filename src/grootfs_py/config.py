@@ -170,9 +170,12 @@ def load(path: str | None) -> Config:
     """Read the config file at *path*, or the defaults when no path is given."""
     if not path:
         return Config()
+    from grootfs_py.fsutil import open_regular
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(MAX_CONFIG_BYTES + 1)
+        # A FIFO or device given as the config must not block the command.
+        with open_regular(path) as f:
+            text = f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"invalid config path: {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -111,6 +111,19 @@ def test_deeply_nested_config_file_is_refused(grootfs, dir_store, tmp_path):
     assert line == "invalid config file: nested deeper than 100 levels"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_config_that_is_not_a_regular_file_is_refused_without_blocking(
+    grootfs, dir_store, tmp_path, kind
+):
+    config = tmp_path / "config.yml"
+    if kind == "fifo":
+        os.mkfifo(config)  # no writer: a plain open() would block forever
+    else:
+        config.mkdir()
+    line = _run(grootfs, dir_store, "--config", str(config), "list")
+    assert line.startswith(f"invalid config path: {config}: a {kind.replace('fifo', 'FIFO')}")
+
+
 def test_delete_echoes_a_hostile_id_on_one_escaped_line(grootfs, dir_store):
     result = grootfs("delete", "gone\n{}\x1b[2J", store=dir_store)
     assert result.stdout == "Image `gone\\n{}\\x1b[2J` not found. Skipping delete.\n"
