@@ -41,7 +41,7 @@ from typing import BinaryIO, TypeVar
 from grootfs_py import log
 from grootfs_py.errors import GrootError, InvalidArgumentError, UnpackError
 from grootfs_py.idmap import IdMap
-from grootfs_py.tarstream import Entry, Reader
+from grootfs_py.tarstream import Entry, FileSource, Reader
 
 CHUNK_SIZE = 1 << 20
 WHITEOUT_PREFIX = ".wh."
@@ -74,7 +74,9 @@ class _Missing(_Refused):
     """A directory looked up without creating it does not exist."""
 
 
-def unpack_layer(stream: BinaryIO, dest: str, idmap: IdMap, *, layer: str) -> UnpackResult:
+def unpack_layer(
+    stream: BinaryIO | FileSource, dest: str, idmap: IdMap, *, layer: str
+) -> UnpackResult:
     """Unpack the uncompressed tar *stream* into the empty directory *dest*.
 
     The stream is read to its end, padding after the end-of-archive marker
@@ -339,10 +341,7 @@ class _Unpacker:
             parent, name, path, lambda: os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
         )
         try:
-            while chunk := tar.read(CHUNK_SIZE):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            tar.copy_to(fd)
             st = os.fstat(fd)
             self.sizes[st.st_ino] = st.st_size
             self._apply(fd, member, user_xattrs=True, times=True)

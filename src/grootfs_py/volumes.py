@@ -13,10 +13,11 @@ import contextlib
 import errno
 import io
 import os
+import stat
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from grootfs_py import fsutil, locks, log, overlay
 from grootfs_py.digest import VerifyingReader
@@ -30,6 +31,10 @@ from grootfs_py.errors import (
 from grootfs_py.idmap import IdMap
 from grootfs_py.sources import Layer
 from grootfs_py.store import INCOMPLETE, Store, volume_name
+
+if TYPE_CHECKING:
+    from grootfs_py.tarstream import FileSource
+    from grootfs_py.unpack import UnpackResult
 
 # Layers fetched and unpacked at once. Unpacking is mostly syscalls and
 # decompression (both release the GIL); more than a few at once only
@@ -229,6 +234,66 @@ def _blame_the_blob(compressed: VerifyingReader, error: BaseException) -> None:
         return
 
 
+def _positioned(layer: Layer, raw: BinaryIO, budget: Budget | None) -> FileSource | None:
+    """The layer as a :class:`FileSource` when it is a plain tar file with nothing to verify.
+
+    That is a stack tar (``create /path/rootfs.tar``): its data is then
+    copied file to file by the kernel instead of read and written by Python.
+    """
+    from grootfs_py import compression
+    from grootfs_py.tarstream import FileSource
+
+    if layer.compression != compression.NONE or layer.digest or layer.diff_id or layer.size:
+        return None
+    try:
+        fd = raw.fileno()
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return FileSource(fd, budget.spend if budget is not None else None) if regular else None
+
+
+def _unpack_verified(
+    layer: Layer,
+    tmp: str,
+    idmap: IdMap,
+    budget: Budget | None,
+    compressed: VerifyingReader,
+    decompressor: BinaryIO | None,
+    uncompressed: VerifyingReader,
+) -> UnpackResult:
+    """Unpack the layer's stream into *tmp*, checking its digests and sizes as it goes."""
+    from grootfs_py.unpack import unpack_layer
+
+    try:
+        try:
+            stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
+            result = unpack_layer(cast(BinaryIO, stream), tmp, idmap, layer=layer.label)
+            while uncompressed.read(1 << 20):
+                pass
+        finally:
+            if decompressor is not None:
+                # Joins the inflating thread: nothing else reads the blob before.
+                decompressor.close()
+        # Compressed bytes first: a corrupt blob is a layerID mismatch even
+        # when it still decompresses (to the wrong tar).
+        compressed.finish()
+        uncompressed.finish()
+    except VerificationError:
+        raise
+    except Exception as exc:
+        _blame_the_blob(compressed, exc)
+        if isinstance(exc, GrootError):
+            raise
+        # zlib.error, EOFError, zstandard.ZstdError...: a corrupt stream.
+        if isinstance(exc, OSError | EOFError | ValueError | zlib.error) or (
+            type(exc).__name__ == "ZstdError"
+        ):
+            raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
+        raise
+    return result
+
+
 def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = None) -> None:
     from grootfs_py import linux
     from grootfs_py.unpack import unpack_layer
@@ -241,32 +306,13 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
         os.chown(tmp, idmap.root_uid, idmap.root_gid)
         compressed, decompressor, uncompressed = _open_verified(layer)
         with contextlib.closing(compressed._inner):
-            try:
-                try:
-                    stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
-                    result = unpack_layer(cast(BinaryIO, stream), tmp, idmap, layer=layer.label)
-                    while uncompressed.read(1 << 20):
-                        pass
-                finally:
-                    if decompressor is not None:
-                        # Joins the inflating thread: nothing else reads the blob before.
-                        decompressor.close()
-                # Compressed bytes first: a corrupt blob is a layerID mismatch even
-                # when it still decompresses (to the wrong tar).
-                compressed.finish()
-                uncompressed.finish()
-            except VerificationError:
-                raise
-            except Exception as exc:
-                _blame_the_blob(compressed, exc)
-                if isinstance(exc, GrootError):
-                    raise
-                # zlib.error, EOFError, zstandard.ZstdError...: a corrupt stream.
-                if isinstance(exc, OSError | EOFError | ValueError | zlib.error) or (
-                    type(exc).__name__ == "ZstdError"
-                ):
-                    raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
-                raise
+            if (positioned := _positioned(layer, compressed._inner, budget)) is not None:
+                # Nothing to verify: the digest readers stay unread.
+                result = unpack_layer(positioned, tmp, idmap, layer=layer.label)
+            else:
+                result = _unpack_verified(
+                    layer, tmp, idmap, budget, compressed, decompressor, uncompressed
+                )
         fsutil.write_json(store.volume_meta(layer.chain_id), {"size": result.size_bytes})
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
