@@ -27,7 +27,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 LINTED := src tests bench demo demo/build-debian-image
 
-.PHONY: deps apt-deps lint test test-quota demo bench image clean clean-image require-root spec
+.PHONY: deps apt-deps lint test test-quota demo bench image clean clean-image require-root spec shim
 
 require-root:
 	@if [[ $$(id -u) -ne 0 ]]; then echo "make: this target must run as root" >&2; exit 1; fi
@@ -63,9 +63,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
-test: deps lint spec
+test: deps lint spec shim
 	$(VENV)/bin/pytest -m "not xfs_quota"
 	$(MAKE) --no-print-directory test-quota
+
+# The native shim Garden runs in front of `grootfs serve` (tests run it too).
+SHIM_CFLAGS := -O2 -Wall -Wextra -Werror -std=c11
+shim: build/grootfs-shim
+build/grootfs-shim: src/shim/grootfs-shim.c
+	@mkdir -p build
+	$(CC) $(SHIM_CFLAGS) -o $@ $<
 
 # Tests that need XFS project quotas enforced: on the host when its kernel can
 # (tests/vm/host-has-xfs-quota), else in a VM booted from Debian's kernel.

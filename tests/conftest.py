@@ -53,15 +53,45 @@ def grootfs_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("grootfs-log") / "grootfs.log"
 
 
+@pytest.fixture(scope="session")
+def grootfs_shim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One `grootfs serve` for the session, and the native shim built to reach it."""
+    import forkserver
+
+    forkserver.build_shim()
+    server = forkserver.Server(tmp_path_factory.mktemp("grootfs-serve")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def grootfs(grootfs_log: Path) -> Grootfs:
+def grootfs_via() -> str:
+    """How ``grootfs`` runs: "python" (the command) or "shim" (shim and server).
+
+    A test module overrides it with both params to run its tests both ways.
+    """
+    return "python"
+
+
+@pytest.fixture
+def grootfs(grootfs_log: Path, grootfs_via: str, request: pytest.FixtureRequest) -> Grootfs:
     """Run the CLI as Garden does: a separate process, stdout parsed by the caller.
 
     ``store`` becomes ``--store``; ``config`` is a YAML file path or a dict
     written to one, passed as ``--config``. With ``check`` a non-zero exit
-    fails the test, showing stdout, stderr and the log's tail.
+    fails the test, showing stdout, stderr and the log's tail. Through the
+    shim, the fallback is pointed nowhere, so only the server can succeed.
     """
     configs = 0
+    command = [sys.executable, "-m", "grootfs_py"]
+    server = None
+    if grootfs_via == "shim":
+        import forkserver
+
+        server = request.getfixturevalue("grootfs_shim_server")
+        command = [str(forkserver.SHIM)]
 
     def run(
         *args: StrPath,
@@ -70,7 +100,7 @@ def grootfs(grootfs_log: Path) -> Grootfs:
         config: StrPath | dict[str, Any] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         nonlocal configs
-        argv: list[str] = [sys.executable, "-m", "grootfs_py"]
+        argv: list[str] = list(command)
         if config is not None:
             if isinstance(config, dict):
                 configs += 1
@@ -82,12 +112,18 @@ def grootfs(grootfs_log: Path) -> Grootfs:
             argv += ["--store", os.fspath(store)]
         argv += ["--log-file", os.fspath(grootfs_log), *(os.fspath(a) for a in args)]
         result = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            env=server.shim_env() if server else None,
         )
         if check and result.returncode != 0:
             log_tail = grootfs_log.read_text()[-3000:] if grootfs_log.exists() else ""
             pytest.fail(
-                f"{' '.join(argv[3:])} exited {result.returncode}\n"
+                f"{' '.join(argv[len(command) :])} exited {result.returncode}"
+                f" ({grootfs_via})\n"
                 f"stdout: {result.stdout}\nstderr: {result.stderr}\nlog tail:\n{log_tail}",
                 pytrace=False,
             )

@@ -90,6 +90,12 @@ def _no_arguments(p: argparse.ArgumentParser) -> None:
     pass
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from grootfs_py.server import DEFAULT_SOCKET
+
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="the unix socket to listen on")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "init-store": ("create and mount the store", _init_store_arguments),
     "delete-store": ("delete every image and layer and the store", _no_arguments),
@@ -105,6 +111,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         "verify the store's invariants (--repair: fix what is safe)",
         _check_store_arguments,
     ),
+    "serve": ("serve commands forked from one warm process (see grootfs-shim)", _serve_arguments),
 }
 _GLOBAL_FLAGS_WITH_VALUE = ("--config", "--store", "--log-level", "--log-file")
 
@@ -123,6 +130,15 @@ def command_of(argv: Sequence[str]) -> str | None:
         else:
             return token if token in COMMANDS else None
     return None
+
+
+_PARSERS: dict[str | None, argparse.ArgumentParser] = {}
+
+
+def warm_parsers() -> None:
+    """Build every command's parser now: the fork server does, so its children need not."""
+    for name in (*COMMANDS, None):
+        _PARSERS[name] = build_parser(name)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -266,6 +282,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
         from grootfs_py import volumes
 
         volumes.regenerate_sizes(store)
+    elif command == "serve":
+        from grootfs_py import server
+
+        server.serve(args.socket)
 
 
 def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
@@ -337,7 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     try:
-        args = build_parser(command_of(argv)).parse_args(argv)
+        only = command_of(argv)
+        parser = _PARSERS.get(only) or build_parser(only)
+        args = parser.parse_args(argv)
         config = _configure(args)
         log.configure(config.log_level, config.log_file or None, command=args.command)
         _run(args, config)

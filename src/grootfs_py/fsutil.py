@@ -10,13 +10,13 @@ from typing import Any
 
 # Test-only: GROOTFS_TEST_CRASH_AT=<point> makes the process SIGKILL itself at
 # the crash_point() of that name, so tests can kill it exactly where they mean
-# to. Read once here; a crash point costs one string comparison.
-_CRASH_AT = os.environ.get("GROOTFS_TEST_CRASH_AT", "")
+# to. Read at each point, not at import: a fork server's child gets its
+# caller's environment after the import.
 
 
 def crash_point(name: str) -> None:
     """Test-only: die here, as a kill -9 would, when the environment names this point."""
-    if name == _CRASH_AT:
+    if name == os.environ.get("GROOTFS_TEST_CRASH_AT"):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)

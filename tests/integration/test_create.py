@@ -13,6 +13,12 @@ import imagefactory as f
 from grootfs_py import mounts
 
 
+@pytest.fixture(params=["python", "shim"])
+def grootfs_via(request):
+    """Every test here runs through the Python command and through shim and server."""
+    return request.param
+
+
 def _create(grootfs, store, url, image_id, *flags):
     out = grootfs("create", *flags, url, image_id, store=store).stdout
     lines = out.splitlines()

@@ -25,6 +25,12 @@ import imagefactory as f
 CONTENT = {"base": b"base\n", "a": b"a" * 3000, "b": b"b" * 3000, "solo": b"solo\n"}
 
 
+@pytest.fixture(params=["python", "shim"])
+def grootfs_via(request):
+    """Every test here runs through the Python command and through shim and server."""
+    return request.param
+
+
 def _layouts(tmp_path):
     """Three tiny images: two share their base layer, one shares nothing."""
     base = [f.directory("etc"), f.file("etc/base", CONTENT["base"])]
