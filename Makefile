@@ -97,9 +97,14 @@ image: deps
 demo: image
 	demo/demo.sh
 
-bench: image
-	$(PY) bench/bench_create.py
-	$(PY) bench/bench_registry.py
+# BENCH_QUICK=1: fewer repetitions, a short cell load, only the side-by-side bench.
+# GROOTFS_REFERENCE=/path/to/grootfs: GrootFS (Go) measured beside ours, with ratios.
+bench: image shim
+	$(PY) bench/bench_hotpath.py
+	@if [[ -z "$${BENCH_QUICK:-}" || "$${BENCH_QUICK}" == 0 ]]; then \
+	  $(PY) bench/bench_create.py; \
+	  $(PY) bench/bench_registry.py; \
+	fi
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
