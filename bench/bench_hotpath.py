@@ -73,10 +73,12 @@ class Impl:
     server_pid: int = 0  # CPU of this process and its reaped children counts too
     walls: dict[str, list[float]] = field(default_factory=dict)
     cpus: dict[str, list[float]] = field(default_factory=dict)
+    rss_kib: dict[str, list[int]] = field(default_factory=dict)  # of direct children only
 
-    def record(self, op: str, wall: float, cpu: float) -> None:
+    def record(self, op: str, wall: float, cpu: float, rss_kib: int = 0) -> None:
         self.walls.setdefault(op, []).append(wall)
         self.cpus.setdefault(op, []).append(cpu)
+        self.rss_kib.setdefault(op, []).append(rss_kib)
 
 
 def server_cpu(pid: int) -> float:
@@ -97,8 +99,10 @@ def server_cpu(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / TICK
 
 
-def call(impl: Impl, store: str, args: Sequence[str], *, expect: int = 0) -> tuple[float, float]:
-    """Run one plugin call; (wall seconds, CPU seconds)."""
+def call(
+    impl: Impl, store: str, args: Sequence[str], *, expect: int = 0
+) -> tuple[float, float, int]:
+    """Run one plugin call; wall seconds, CPU seconds, the process's peak RSS in KiB."""
     before = server_cpu(impl.server_pid)
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
@@ -116,7 +120,7 @@ def call(impl: Impl, store: str, args: Sequence[str], *, expect: int = 0) -> tup
             out.seek(0)
             sys.exit(f"bench: {impl.name}: {' '.join(args)} exited {code}:\n{out.read().decode()}")
     cpu = usage.ru_utime + usage.ru_stime + server_cpu(impl.server_pid) - before
-    return wall, cpu
+    return wall, cpu, usage.ru_maxrss
 
 
 def quiet(impl: Impl, store: str, *args: str) -> None:
@@ -330,6 +334,11 @@ def report(impls: list[Impl], loads: dict[str, Load], reps: int, cold_reps: int)
                     continue
                 line += f" {statistics.median(impl.walls[op]) / base:>16.2f}x"
         print(line)
+    print("\npeak RSS of the cold creates (max; through the server the command's is not seen):")
+    for impl in impls:
+        for op in (o for o in impl.rss_kib if o.startswith("cold")):
+            if impl.server_pid == 0:
+                print(f"  {impl.name:<10} {op:<26} {max(impl.rss_kib[op]) / 1024:7.1f} MiB")
     if loads:
         print("\ncell load: stats at Garden's rate, CPU-seconds per minute of wall time")
         for name, result in loads.items():
