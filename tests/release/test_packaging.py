@@ -59,3 +59,13 @@ def test_the_canary_image_is_shipped_in_the_package(packages_offline):
     assert "./etc/grootfs-canary" in listing
     assert "./bin/busybox" in listing
     assert "./bin/sh -> busybox" in listing
+
+
+def test_the_shim_is_compiled_into_the_package_needing_only_libc(packages_offline):
+    ns = packages_offline
+    shim = "/var/vcap/packages/grootfs_py/bin/grootfs-shim"
+    libs = [line.split()[0] for line in ns.run(["ldd", shim]).stdout.splitlines()]
+    assert [lib for lib in libs if not lib.startswith(("linux-vdso", "libc.so", "/lib"))] == []
+    # No server here: with its defaults the shim runs the packaged Python command.
+    help_text = ns.run([shim, "--help"]).stdout
+    assert "init-store" in help_text and "create" in help_text
