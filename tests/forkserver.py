@@ -54,9 +54,11 @@ class Server:
                 start_new_session=True,
                 env=self.env,
             )
-        serving = self.log().count('"message":"serving"') + 1
-        deadline = time.monotonic() + 30
-        while self.log().count('"message":"serving"') < serving:
+        # Serving, and both forkers done importing (until then the server
+        # forks commands itself, which works but is not what tests look at).
+        ready = self.log().count('"message":"forker ready"') + 2
+        deadline = time.monotonic() + 60
+        while self.log().count('"message":"forker ready"') < ready:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"grootfs serve did not start:\n{self.log()}")
             time.sleep(0.02)
@@ -77,8 +79,8 @@ class Server:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def children(self) -> list[int]:
-        """The server's child processes: the commands it is running."""
-        return children_of(self.pid)
+        """The commands running: the children of the server's forkers."""
+        return [pid for forker in children_of(self.pid) for pid in children_of(forker)]
 
     def shim_env(self, cli: str | os.PathLike[str] = NO_CLI, **extra: str) -> dict[str, str]:
         """The environment that sends the shim to this server (timeout generous for busy CI)."""

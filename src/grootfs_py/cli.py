@@ -136,9 +136,19 @@ _PARSERS: dict[str | None, argparse.ArgumentParser] = {}
 
 
 def warm_parsers() -> None:
-    """Build every command's parser now: the fork server does, so its children need not."""
+    """Build every command's parser now: the fork server does, so its children need not.
+
+    Each is also run once on a typical command line, so that argparse's
+    regular expressions are compiled and cached here, not in every child.
+    """
+    import contextlib
+
+    flags = ["--config", "c", "--store", "s", "--log-level", "info", "--log-file", "f"]
     for name in (*COMMANDS, None):
-        _PARSERS[name] = build_parser(name)
+        parser = _PARSERS[name] = build_parser(name)
+        for tail in (["x", "y"], ["x"], []):
+            with contextlib.suppress(InvalidArgumentError):
+                parser.parse_args([*flags, *([name] if name else []), *tail])
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -179,7 +179,10 @@ def _claim(store: Store, image_id: str, image_dir: str) -> int:
             if _take_over_unfinished(store, image_id):
                 continue
             raise StoreError(f"image for id `{image_id}` already exists") from None
-        fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # a clean took it for debris even before we opened it
         try:
             locks.wait(fd, image_dir)
             if _same_inode(fd, image_dir):

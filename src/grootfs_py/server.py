@@ -6,10 +6,26 @@ on a busy cell. The server pays the interpreter start and every import once;
 for each request it forks a child that runs exactly ``cli.main(argv)`` with
 the caller's argv, environment, working directory, umask and standard
 descriptors. Per-process semantics stay: each command is its own process
-(flocks, crash safety, a killed child is a killed command), forked from the
-pristine server, so nothing one request does is seen by the next. The accept
-loop is single-threaded (forking a threaded process is unsafe) and the server
-never runs a command itself.
+(flocks, crash safety, a killed child is a killed command), forked from a
+pristine process, so nothing one request does is seen by the next. Every
+loop is single-threaded (forking a threaded process is unsafe) and no
+server process runs a command itself.
+
+Processes: the server (accepting, checking, reading requests, watching the
+shims, reporting) never forks a command in the normal case. At start it
+forks two "forkers" that import what their commands need and then do
+nothing but fork them: one for ``create`` with everything (registry, TLS
+with the system CAs loaded, decompressors), a lean one for the rest
+(``stats``, ``delete``...), whose smaller heap makes each fork and exit
+cheaper. The server hands a forker each request with its descriptors over
+a SOCK_SEQPACKET pair; the forker forks, answers the shim "OKAY", tells the
+server the pid, reaps the child and reports its status, and forwards the
+signals the server asks for (it alone can, being the parent that has not
+reaped it yet, so a pid is never reused under a kill). Forking from the
+server itself would make every fork copy (and every loop touch, copy-on-
+write) the pages the server is busy with. A forker that dies is started
+again; until then, or when a request does not fit a message, the server
+forks the command itself (it then imports lazily, as the Python command).
 
 Security: the socket's directory is the owner's alone (mode 0700, created so
 or refused); every connection's SO_PEERCRED uid must be the server's own,
@@ -43,8 +59,7 @@ Server -> shim, 8-byte records "TAG" + value:
   The child itself sends its "EXIT" as it exits, and the server sends "EXIT"
   or "SIGN" again when it reaps it; the shim acts on the first. A quick
   child's "EXIT" can come before "OKAY": any record means the request was
-  taken. The child
-  holds the connection open until it exits, so if the server dies mid-request
+  taken. The child holds the connection open until it exits, so if the server dies mid-request
   (kill -9) the command still runs to its end and reports its own status.
   Only a child dying of a signal while the server is gone leaves the shim
   without a status: it then sees end-of-file after "OKAY" and fails (exit 1,
@@ -84,6 +99,7 @@ import stat
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from grootfs_py import log
@@ -93,20 +109,17 @@ VERSION = 1
 MAGIC = b"GRFS"
 HEADER = struct.Struct(">4sIIII")  # magic, version, umask, argc, payload length
 RECORD = struct.Struct(">4sI")  # tag, value
+CONTROL = struct.Struct(">4sqi")  # server <-> forker: tag, token or pid, pid or value
 FDS = 4  # stdin, stdout, stderr, cwd
 MAX_REQUEST = 1 << 20  # argv + environ; a cell's are a few kB
 REQUEST_TIMEOUT = 5.0  # seconds a connected shim has to send its whole request
+RESTART_INTERVAL = 2.0  # a forker that died is started again at most this often
 DEFAULT_SOCKET = "/var/vcap/sys/run/grootfs/grootfs.sock"
 _FORWARDED = frozenset((signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT))
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
-# What any command may import, loaded once here so that no child pays for it.
-# The release package (BOSH rendering) and __main__ are not commands' code.
-_PRELOAD = (
-    "grootfs_py.backing",
-    "grootfs_py.checkstore",
-    "grootfs_py.clean",
-    "grootfs_py.compression",
+# What the lean forker's commands (all but create) import.
+_LEAN = (
     "grootfs_py.config",
     "grootfs_py.digest",
     "grootfs_py.fsutil",
@@ -116,12 +129,26 @@ _PRELOAD = (
     "grootfs_py.locks",
     "grootfs_py.mounts",
     "grootfs_py.overlay",
+    "grootfs_py.store",
+    "grootfs_py.volumes",
+    "argparse",
+    "ctypes",
+    "hashlib",
+    "json",
+    "shutil",
+)
+# What any command may import, for the create forker. The release package
+# (BOSH rendering) and __main__ are not commands' code.
+_FULL = (
+    *_LEAN,
+    "grootfs_py.backing",
+    "grootfs_py.checkstore",
+    "grootfs_py.clean",
+    "grootfs_py.compression",
     "grootfs_py.proc",
     "grootfs_py.quota",
-    "grootfs_py.store",
     "grootfs_py.tarstream",
     "grootfs_py.unpack",
-    "grootfs_py.volumes",
     "grootfs_py.sources",
     "grootfs_py.sources.manifest",
     "grootfs_py.sources.oci",
@@ -129,15 +156,10 @@ _PRELOAD = (
     "grootfs_py.sources.registry",
     "grootfs_py.sources.tarball",
     "grootfs_py.sources.transport",
-    "argparse",
     "concurrent.futures",
     "concurrent.futures.thread",
-    "ctypes",
     "gzip",
-    "hashlib",
     "http.client",
-    "json",
-    "shutil",
     "ssl",
     "subprocess",
     "tempfile",
@@ -148,40 +170,24 @@ _PRELOAD = (
 )
 
 
-def preload() -> None:
-    """Import what commands use, and warm what is costly to build per process."""
+def preload(modules: Sequence[str], tls: bool) -> None:
+    """Import *modules*, and warm what is costly to build per process."""
     import importlib
 
-    for name in _PRELOAD:
+    for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as exc:
             # An optional accelerator missing only costs its child the import.
             log.info("preload: module not available", module=name, error=str(exc))
     from grootfs_py import cli, linux
-    from grootfs_py.sources import transport
 
     linux._libc()  # dlopen once, not in every child
     cli.warm_parsers()
-    transport.preload_default_context()
+    if tls:
+        from grootfs_py.sources import transport
 
-
-class _Conn:
-    """One shim's connection: reading its request, then running its command."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.deadline = time.monotonic() + REQUEST_TIMEOUT
-        self.buffer = b""
-        self.fds: list[int] = []
-        self.pid = 0  # the child, once forked
-        self.incoming = b""  # partial KILL records
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        self.sock.close()
+        transport.preload_default_context()
 
 
 class _Request:
@@ -257,13 +263,304 @@ def _prepare_directory(directory: str) -> None:
         )
 
 
+# -- the command's process -------------------------------------------------------
+
+
+def _become_command(conn: int, fds: Sequence[int], data: bytes) -> None:
+    """In a freshly forked child: take the caller's place, run the command, exit.
+
+    The request is parsed here, already checked by the server: what a forker
+    does between forks it does for every request, copy-on-write.
+    """
+    code = 1
+    try:
+        request = parse_request(data)
+        assert request is not None
+        code = _take_callers_place(conn, fds, request)
+        if code == 0:
+            code = _run_command(request.argv)
+        _send_fd(3, b"EXIT", code)
+    finally:
+        os._exit(code)
+
+
+def _take_callers_place(conn: int, fds: Sequence[int], request: _Request) -> int:
+    stdin, stdout, stderr, cwd = fds
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    log.close()
+    log.configure("info")
+    cwd_error = None
+    try:
+        os.fchdir(cwd)
+    except OSError as exc:
+        cwd_error = exc
+    os.dup2(stdin, 0)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    # Only 0, 1, 2 and this request's connection (as 3) stay open: no other
+    # request's descriptors, no listener, no lock. The forking process gave
+    # up its socket objects' descriptors (detach) so that no finalizer closes
+    # a number this process reuses.
+    if conn != 3:
+        os.dup2(conn, 3, inheritable=False)
+    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    if cwd_error is not None:
+        os.write(2, f"grootfs: cannot enter the working directory: {cwd_error}\n".encode())
+        return 1
+    os.umask(request.umask)
+    _replace_environ(request.env)
+    sys.argv = ["grootfs", *request.argv]
+    if sys.stdin is None or sys.stdout is None or sys.stderr is None:
+        _reopen_stdio()  # the server started without them
+    else:
+        # The server's streams, flushed before the fork, now write to the
+        # caller's descriptors; stdout is line-buffered on a terminal only,
+        # as a fresh interpreter's would be.
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))  # type: ignore[union-attr]
+        log.close()  # log writes to sys.stderr as it is now
+    return 0
+
+
+def _run_command(argv: list[str]) -> int:
+    """``cli.main(argv)``, ending as the interpreter would end a ``grootfs`` process."""
+    from grootfs_py import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    try:
+        sys.stdout.flush()
+    except OSError:
+        code = code or 120  # what CPython exits with when stdout cannot be flushed
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+    return code
+
+
+def _replace_environ(env: dict[str, str]) -> None:
+    """Make os.environ (and the C environment) *env*, touching only what differs.
+
+    Cheaper than clear() and update(): a caller's environment is mostly the
+    server's.
+    """
+    for name in [name for name in os.environ if name not in env]:
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+def _reopen_stdio() -> None:
+    """New sys.std* on descriptors 0-2, buffered as a fresh interpreter would buffer them."""
+    streams = []
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        old = getattr(sys, name)
+        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+        buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        new = io.TextIOWrapper(
+            buffered,
+            encoding=getattr(old, "encoding", None) or "utf-8",
+            errors=getattr(old, "errors", None) or "strict",
+            line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
+        )
+        streams.append((name, new))
+    for name, new in streams:
+        setattr(sys, name, new)
+        setattr(sys, f"__{name}__", new)
+    log.close()  # log writes to the new sys.stderr
+
+
+def _fork_command(conn: int, fds: Sequence[int], data: bytes, detach: list[Any]) -> int:
+    """Fork the command's process; return its pid (raises OSError)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything alive now moves out of the collector's reach, so a child's
+    # collections do not write to (and so copy) the forking process's pages.
+    gc.freeze()
+    pid = os.fork()
+    if pid == 0:
+        for sock in detach:
+            sock.detach()
+        _become_command(conn, fds, data)  # never returns
+    return pid
+
+
+# -- the forkers -------------------------------------------------------------------
+
+
+def _forker(ctl: socket.socket, modules: Sequence[str], tls: bool) -> None:
+    """A forker's life: import, then fork a command for each request the server hands over."""
+    code = 0
+    try:
+        # Signals for the server are not for us: our commands must be reaped
+        # and reported until the server closes our socket.
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, lambda signo, frame: None)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        preload(modules, tls)
+        ctl.send(CONTROL.pack(b"REDY", 0, os.getpid()))
+        live: set[int] = set()
+        poller = select.poll()
+        poller.register(ctl.fileno(), select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        while True:
+            for fd, _events in poller.poll():
+                if fd == wake_r:
+                    _drain(wake_r)
+                elif not _forker_message(ctl, live):
+                    return  # the server is gone or done: our commands report themselves
+            while live:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                live.discard(pid)
+                with contextlib.suppress(OSError):
+                    ctl.send(CONTROL.pack(b"DONE", pid, status))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _forker_message(ctl: socket.socket, live: set[int]) -> bool:
+    """Act on one message from the server; False when it has closed the pair."""
+    try:
+        data, ancdata, _flags, _addr = ctl.recvmsg(
+            CONTROL.size + HEADER.size + MAX_REQUEST,
+            socket.CMSG_SPACE((FDS + 1) * 4),
+            socket.MSG_CMSG_CLOEXEC,
+        )
+    except (BlockingIOError, InterruptedError):
+        return True
+    fds = _received_fds(ancdata)
+    if not data:
+        return False
+    tag, a, b = CONTROL.unpack_from(data)
+    if tag == b"KILL":
+        if a in live:  # not reaped yet, so the pid is still this command's
+            _kill(a, b)
+        return True
+    if tag != b"RUN " or len(fds) != FDS + 1:
+        for fd in fds:
+            os.close(fd)
+        return True
+    conn, caller = fds[0], fds[1:]
+    try:
+        if _peer_gone(conn):  # its shim fell back while we were busy
+            raise OSError(errno.ECONNRESET, "caller gone")
+        pid = _fork_command(conn, caller, data[CONTROL.size :], [ctl])
+    except OSError as exc:
+        log.info("forker: request not started", error=str(exc))
+        with contextlib.suppress(OSError):
+            ctl.send(CONTROL.pack(b"FAIL", a, 0))
+    else:
+        live.add(pid)
+        with contextlib.suppress(OSError):
+            ctl.send(CONTROL.pack(b"STRT", a, pid))
+        _send_fd(conn, b"OKAY", pid)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return True
+
+
+class _Forker:
+    """The server's side of one forker process."""
+
+    def __init__(self, name: str, modules: Sequence[str], tls: bool) -> None:
+        self.name = name
+        self.modules = modules
+        self.tls = tls
+        self.pid = 0
+        self.ctl: socket.socket | None = None
+        self.started = 0.0
+        self.ready = False  # done importing: until then the server forks itself
+        self.pending: dict[int, _Conn] = {}  # token -> handed over, not started yet
+        self.running: dict[int, _Conn] = {}  # pid -> its connection
+
+    def start(self, detach: list[Any]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.started = time.monotonic()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            # The server's log file is closed below with every other
+            # descriptor: a forker's rare lines go to stderr.
+            log.close()
+            ours.detach()
+            for sock in detach:
+                sock.detach()
+            keep = theirs.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+            _forker(theirs, self.modules, self.tls)  # never returns
+        theirs.close()
+        ours.setblocking(False)
+        self.pid, self.ctl, self.ready = pid, ours, False
+        log.info("forker started", forker=self.name, pid=pid)
+
+
+class _Conn:
+    """One shim's connection: reading its request, then running its command."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.buffer = b""
+        self.fds: list[int] = []
+        self.pid = 0  # the command, once forked
+        self.forker: _Forker | None = None  # who forked it (None: the server)
+        self.incoming = b""  # partial KILL records
+        self.gone = False  # the shim closed its end
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.sock.close()
+
+
+# -- the server ------------------------------------------------------------------
+
+
 class Server:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.listener: socket.socket | None = None
         self.lock_fd = -1
         self.conns: dict[int, _Conn] = {}  # by socket fd
-        self.children: dict[int, _Conn] = {}  # by pid
+        self.children: dict[int, _Conn] = {}  # commands the server forked itself, by pid
+        self.forkers = {
+            "create": _Forker("create", _FULL, tls=True),
+            "lean": _Forker("lean", _LEAN, tls=False),
+        }
+        self.tokens = 0
         self.stopping = 0  # signals received
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -297,6 +594,14 @@ class Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 
+    def _sockets(self) -> list[Any]:
+        """Every socket object this process owns, for a fork to detach."""
+        found: list[Any] = [c.sock for c in self.conns.values()]
+        found += [f.ctl for f in self.forkers.values() if f.ctl is not None]
+        if self.listener is not None:
+            found.append(self.listener)
+        return found
+
     # -- the loop -----------------------------------------------------------
 
     def run(self) -> None:
@@ -307,6 +612,8 @@ class Server:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
         }
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for forker in self.forkers.values():
+            forker.start(self._sockets())
         log.info("serving", socket=self.path, pid=os.getpid(), protocol=VERSION)
         try:
             self._loop()
@@ -317,10 +624,23 @@ class Server:
             self.close_listener()
             for conn in list(self.conns.values()):
                 conn.close()
+            for forker in self.forkers.values():
+                if forker.ctl is not None:
+                    forker.ctl.close()  # it exits; commands still running report themselves
+                    forker.ctl = None
+            for forker in self.forkers.values():
+                if forker.pid:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(forker.pid, 0)
             os.close(self.lock_fd)
             os.close(self.wake_r)
             os.close(self.wake_w)
-            log.info("stopped", socket=self.path, left_running=len(self.children))
+            log.info("stopped", socket=self.path, left_running=self._running())
+
+    def _running(self) -> int:
+        return len(self.children) + sum(
+            len(f.running) + len(f.pending) for f in self.forkers.values()
+        )
 
     def _on_signal(self, signo: int, frame: Any) -> None:
         if signo != signal.SIGCHLD:
@@ -331,22 +651,33 @@ class Server:
         registered: set[int] = set()
         while True:
             if self.stopping and self.listener is not None:
-                log.info("stopping: no new requests", running=len(self.children))
+                log.info("stopping: no new requests", running=self._running())
                 self.close_listener()
-            if self.stopping > 1 or (self.stopping and not self.children):
+                for conn in [c for c in self.conns.values() if not c.pid and not c.forker]:
+                    self._drop(conn)  # still sending: its shim falls back
+            if self.stopping > 1 or (self.stopping and not self._running()):
                 return
             wanted = {self.wake_r: select.POLLIN}
             if self.listener is not None:
                 wanted[self.listener.fileno()] = select.POLLIN
             for fd in self.conns:
                 wanted[fd] = select.POLLIN
+            for forker in self.forkers.values():
+                if forker.ctl is not None:
+                    wanted[forker.ctl.fileno()] = select.POLLIN
             for fd in registered - wanted.keys():
                 poller.unregister(fd)
             for fd, mask in wanted.items():
                 poller.register(fd, mask)
             registered = set(wanted)
             now = time.monotonic()
-            deadlines = [c.deadline for c in self.conns.values() if not c.pid]
+            deadlines = [c.deadline for c in self.conns.values() if not c.pid and not c.forker]
+            for forker in self.forkers.values():
+                if forker.ctl is None and not self.stopping:
+                    if now - forker.started >= RESTART_INTERVAL:
+                        forker.start(self._sockets())
+                    else:
+                        deadlines.append(forker.started + RESTART_INTERVAL)
             timeout = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
             for fd, events in poller.poll(timeout):
                 if fd == self.wake_r:
@@ -355,9 +686,14 @@ class Server:
                     self._accept()
                 elif fd in self.conns:
                     self._readable(self.conns[fd], events)
+                else:
+                    for forker in self.forkers.values():
+                        if forker.ctl is not None and fd == forker.ctl.fileno():
+                            self._from_forker(forker)
             self._reap()
             now = time.monotonic()
-            for conn in [c for c in self.conns.values() if not c.pid and c.deadline < now]:
+            late = [c for c in self.conns.values() if not c.pid and not c.forker]
+            for conn in [c for c in late if c.deadline < now]:
                 log.info("request not received in time: dropped")
                 self._drop(conn)
 
@@ -382,7 +718,7 @@ class Server:
             self.conns[sock.fileno()] = _Conn(sock)
 
     def _readable(self, conn: _Conn, events: int) -> None:
-        if conn.pid:
+        if conn.pid or conn.forker:
             self._from_running(conn)
             return
         try:
@@ -395,10 +731,7 @@ class Server:
             log.info("request read failed: dropped", error=str(exc))
             self._drop(conn)
             return
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
-                conn.fds.extend(fds)
+        conn.fds.extend(_received_fds(ancdata))
         if not data:
             self._drop(conn)  # the shim gave up before sending it all
             return
@@ -415,27 +748,55 @@ class Server:
             log.info("bad request: dropped", error=f"{len(conn.fds)} descriptors, want {FDS}")
             self._drop(conn)
             return
-        self._start(conn, request)
-
-    def _start(self, conn: _Conn, request: _Request) -> None:
         # A shim that timed out waiting and fell back has closed its end: its
         # request must not run a second time.
         if _peer_gone(conn.sock):
             self._drop(conn)
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Everything alive now moves out of the collector's reach, so a child's
-        # collections do not write to (and so copy) the server's pages.
-        gc.freeze()
+        from grootfs_py.cli import command_of
+
+        command = command_of(request.argv)
+        if command == "serve":
+            # A server is not a command to fork: the shim runs the Python one.
+            log.info("refused a serve request")
+            self._drop(conn)
+            return
+        forker = self.forkers["create" if command == "create" else "lean"]
+        if not self._hand_over(conn, forker):
+            self._fork_here(conn)
+
+    def _hand_over(self, conn: _Conn, forker: _Forker) -> bool:
+        if forker.ctl is None or not forker.ready:
+            return False
+        self.tokens += 1
         try:
-            pid = os.fork()
+            forker.ctl.sendmsg(
+                [CONTROL.pack(b"RUN ", self.tokens, 0), conn.buffer],
+                [
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_RIGHTS,
+                        struct.pack("5i", conn.sock.fileno(), *conn.fds),
+                    )
+                ],
+            )
+        except OSError as exc:  # EMSGSIZE for a huge environment, a full or dead forker
+            log.info("hand over failed: forking here", forker=forker.name, error=str(exc))
+            return False
+        for fd in conn.fds:
+            os.close(fd)
+        conn.fds, conn.buffer = [], b""
+        conn.forker = forker
+        forker.pending[self.tokens] = conn
+        return True
+
+    def _fork_here(self, conn: _Conn) -> None:
+        try:
+            pid = _fork_command(conn.sock.fileno(), conn.fds, conn.buffer, self._sockets())
         except OSError as exc:
             log.error("fork failed: the shim falls back", error=str(exc))
             self._drop(conn)
             return
-        if pid == 0:
-            self._child(conn, request)  # never returns
         for fd in conn.fds:
             os.close(fd)
         conn.fds = []
@@ -443,49 +804,51 @@ class Server:
         self.children[pid] = conn
         _send(conn.sock, b"OKAY", pid)
 
-    def _child(self, conn: _Conn, request: _Request) -> None:
-        code = 1
-        try:
-            code = self._prepare_child(conn, request)
-            if code == 0:
-                code = _run_command(request.argv)
-            _send(conn.sock, b"EXIT", code)
-        finally:
-            os._exit(code)
+    def _from_forker(self, forker: _Forker) -> None:
+        assert forker.ctl is not None
+        while True:
+            try:
+                data = forker.ctl.recv(CONTROL.size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._forker_gone(forker)
+                return
+            tag, a, b = CONTROL.unpack_from(data)
+            if tag == b"REDY":
+                forker.ready = True
+                log.info("forker ready", forker=forker.name, pid=b)
+            elif tag == b"STRT":
+                conn = forker.pending.pop(a, None)
+                if conn is not None:
+                    conn.pid = b
+                    forker.running[b] = conn
+                    if conn.gone:  # its shim went while it was being forked
+                        self._signal(conn, signal.SIGKILL)
+            elif tag == b"FAIL":
+                conn = forker.pending.pop(a, None)
+                if conn is not None:
+                    self._drop(conn)
+            elif tag == b"DONE":
+                conn = forker.running.pop(a, None)
+                if conn is not None:
+                    self._report(conn, b)
 
-    def _prepare_child(self, conn: _Conn, request: _Request) -> int:
-        stdin, stdout, stderr, cwd = conn.fds
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.close()
-        log.configure("info")
-        os.dup2(stdin, 0)
-        os.dup2(stdout, 1)
-        os.dup2(stderr, 2)
-        try:
-            os.fchdir(cwd)
-        except OSError as exc:
-            os.write(2, f"grootfs: cannot enter the working directory: {exc}\n".encode())
-            return 1
-        # Only 0, 1, 2 and this request's connection stay open: no other
-        # request's descriptors, no listener, no lock. The Python objects that
-        # owned them give them up first so no finalizer closes a reused number.
-        if conn.sock.fileno() != 3:
-            os.dup2(conn.sock.fileno(), 3, inheritable=False)
-        if self.listener is not None:
-            self.listener.detach()
-        for other in self.conns.values():
-            other.sock.detach()
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-        conn.sock = socket.socket(fileno=3)
-        os.umask(request.umask)
-        os.environ.clear()
-        os.environ.update(request.env)
-        sys.argv = ["grootfs", *request.argv]
-        _reopen_stdio()
-        return 0
+    def _forker_gone(self, forker: _Forker) -> None:
+        log.error("forker died: forking commands here until it is restarted", forker=forker.name)
+        assert forker.ctl is not None
+        forker.ctl.close()
+        forker.ctl = None
+        forker.ready = False
+        # Its commands still running report their own exit status; with
+        # their parent gone, nobody here may signal their pids any more.
+        for conn in [*forker.pending.values(), *forker.running.values()]:
+            self.conns.pop(conn.sock.fileno(), None)
+            conn.close()
+        forker.pending.clear()
+        forker.running.clear()
 
     def _from_running(self, conn: _Conn) -> None:
         try:
@@ -499,7 +862,7 @@ class Server:
             # because the child already sent its status (then the kill only
             # meets a process that is exiting, so it is logged at debug).
             log.debug("caller closed its connection: SIGKILL to its command", child=conn.pid)
-            _kill(conn.pid, signal.SIGKILL)
+            self._signal(conn, signal.SIGKILL)
             self._forget(conn)
             return
         conn.incoming += data
@@ -507,10 +870,20 @@ class Server:
             tag, value = RECORD.unpack_from(conn.incoming)
             conn.incoming = conn.incoming[RECORD.size :]
             if tag == b"KILL" and value in _FORWARDED:
-                _kill(conn.pid, value)
+                self._signal(conn, value)
+
+    def _signal(self, conn: _Conn, signo: int) -> None:
+        if conn.forker is None:
+            if conn.pid:
+                _kill(conn.pid, signo)  # our child, not reaped yet: the pid is its
+        elif conn.forker.ctl is not None and conn.pid:
+            with contextlib.suppress(OSError):
+                conn.forker.ctl.send(CONTROL.pack(b"KILL", conn.pid, signo))
+        # A command not started yet when its shim went: the forker sees the
+        # shim gone before forking, or the command finds its peer gone.
 
     def _reap(self) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -518,82 +891,38 @@ class Server:
             if pid == 0:
                 return
             conn = self.children.pop(pid, None)
-            if conn is None:
-                continue
-            if os.WIFSIGNALED(status):
-                _send(conn.sock, b"SIGN", os.WTERMSIG(status))
-            else:
-                _send(conn.sock, b"EXIT", os.waitstatus_to_exitcode(status))
-            self.conns.pop(conn.sock.fileno(), None)
-            conn.close()
+            if conn is not None:
+                self._report(conn, status)
+            for forker in self.forkers.values():
+                if pid == forker.pid:
+                    forker.pid = 0
+
+    def _report(self, conn: _Conn, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            _send(conn.sock, b"SIGN", os.WTERMSIG(status))
+        else:
+            _send(conn.sock, b"EXIT", os.waitstatus_to_exitcode(status))
+        self.conns.pop(conn.sock.fileno(), None)
+        conn.close()
 
     def _forget(self, conn: _Conn) -> None:
-        """Stop watching *conn*; its child, if any, is still reaped and not reported."""
+        """Stop watching *conn*; its command, if any, is still reaped, not reported."""
         self.conns.pop(conn.sock.fileno(), None)
-        if conn.pid:
-            # Reaped later by _reap; nobody to report to.
-            conn.sock.close()
-            conn.sock = _closed_socket()
-        else:
-            conn.close()
+        conn.close()
+        conn.gone = True
 
     def _drop(self, conn: _Conn) -> None:
         self.conns.pop(conn.sock.fileno(), None)
         conn.close()
 
 
-def _closed_socket() -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.close()
-    return s
-
-
-def _run_command(argv: list[str]) -> int:
-    """``cli.main(argv)``, ending as the interpreter would end a ``grootfs`` process."""
-    from grootfs_py import cli
-
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        if exc.code is None:
-            code = 0
-        elif isinstance(exc.code, int):
-            code = exc.code
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    try:
-        sys.stdout.flush()
-    except OSError:
-        code = code or 120  # what CPython exits with when stdout cannot be flushed
-    with contextlib.suppress(OSError):
-        sys.stderr.flush()
-    return code
-
-
-def _reopen_stdio() -> None:
-    """New sys.std* on descriptors 0-2, buffered as a fresh interpreter would buffer them."""
-    streams = []
-    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
-        old = getattr(sys, name)
-        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
-        buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
-        new = io.TextIOWrapper(
-            buffered,
-            encoding=getattr(old, "encoding", None) or "utf-8",
-            errors=getattr(old, "errors", None) or "strict",
-            line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
-        )
-        streams.append((name, new))
-    for name, new in streams:
-        setattr(sys, name, new)
-        setattr(sys, f"__{name}__", new)
-    log.close()  # log writes to the new sys.stderr
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(payload) // 4
+            fds.extend(struct.unpack(f"{n}i", payload[: n * 4]))
+    return fds
 
 
 def _ensure_standard_fds() -> None:
@@ -609,9 +938,9 @@ def _ensure_standard_fds() -> None:
                 os.close(null)
 
 
-def _peer_gone(sock: socket.socket) -> bool:
+def _peer_gone(sock: socket.socket | int) -> bool:
     p = select.poll()
-    p.register(sock.fileno(), select.POLLRDHUP)
+    p.register(sock, select.POLLRDHUP)
     return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in p.poll(0))
 
 
@@ -619,6 +948,11 @@ def _send(sock: socket.socket, tag: bytes, value: int) -> None:
     # A shim that is gone cannot be told; its command is reaped all the same.
     with contextlib.suppress(OSError):
         sock.send(RECORD.pack(tag, value & 0xFFFFFFFF), socket.MSG_NOSIGNAL)
+
+
+def _send_fd(fd: int, tag: bytes, value: int) -> None:
+    with contextlib.suppress(OSError):  # EPIPE: SIGPIPE is ignored, as Python starts
+        os.write(fd, RECORD.pack(tag, value & 0xFFFFFFFF))
 
 
 def _kill(pid: int, signo: int) -> None:
@@ -638,5 +972,4 @@ def _drain(fd: int) -> None:
 
 
 def serve(path: str) -> None:
-    preload()
     Server(path).run()

@@ -463,6 +463,14 @@ except OSError as exc:
 """
 
 
+def test_a_serve_request_is_not_forked_but_left_to_the_python_command(server, tmp_path):
+    result = run_shim(server, "serve", "--socket", str(tmp_path / "run" / "other.sock"))
+    # Refused unanswered, so the shim fell back, here to a command that does not exist.
+    assert result.returncode == 1
+    assert result.stdout == f"grootfs-shim: cannot run {fs.NO_CLI}: No such file or directory\n"
+    assert "refused a serve request" in server.log()
+
+
 # -- fallback ------------------------------------------------------------------
 
 
@@ -570,3 +578,22 @@ def _without_proxies(env) -> dict[str, str]:
         for k, v in env.items()
         if k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
     }
+
+
+def test_a_dead_forker_costs_speed_only_and_is_replaced(own_server, dir_store):
+    forkers = fs.children_of(own_server.pid)
+    assert len(forkers) == 2
+    for forker in forkers:
+        os.kill(forker, signal.SIGKILL)
+    fs.wait_until(
+        lambda: own_server.log().count('"message":"forker died') == 2, what="the deaths noticed"
+    )
+    # The server forks the commands itself meanwhile (the fallback points nowhere).
+    listed = run_shim(own_server, "list", store=dir_store)
+    assert (listed.returncode, listed.stdout) == (0, "Store empty\n")
+    # Both are started again (RESTART_INTERVAL after the last start) and serve.
+    fs.wait_until(
+        lambda: own_server.log().count('"message":"forker ready"') == 4, what="new forkers"
+    )
+    assert len(fs.children_of(own_server.pid)) == 2
+    assert run_shim(own_server, "list", store=dir_store).returncode == 0
