@@ -19,6 +19,8 @@ APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo \
 	docker-registry apache2-utils podman
 # The BOSH release's tests: ruby renders the job templates (ERB); the rest
 # compile the release's packages as a stemcell's compilation VM would.
+# /usr/bin/time: the side-by-side benchmark's peak RSS of a command.
+APT_PACKAGES += time
 APT_PACKAGES += ruby gcc make libc6-dev zlib1g-dev libffi-dev libssl-dev uuid-dev \
   xz-utils bzip2 e2fsprogs util-linux curl
 

@@ -130,16 +130,24 @@ def settle(pid: int, resident: set[int]) -> None:
         time.sleep(0.0005)
 
 
+# A child's peak RSS counts what it shared with its parent between fork and
+# exec: this script's own size. /usr/bin/time, small, forks the command instead.
+TIME = "/usr/bin/time"
+
+
 def call(
-    impl: Impl, store: str, args: Sequence[str], *, expect: int = 0
+    impl: Impl, store: str, args: Sequence[str], *, expect: int = 0, rss: bool = False
 ) -> tuple[float, float, int]:
-    """Run one plugin call; wall seconds, CPU seconds, the process's peak RSS in KiB."""
+    """Run one plugin call; wall seconds, CPU seconds, its peak RSS in KiB (0: not measured)."""
+    wrap = rss and not impl.server_pid and os.access(TIME, os.X_OK)
     resident = descendants(impl.server_pid) if impl.server_pid else set()
     before = tree_cpu(impl.server_pid) if impl.server_pid else 0.0
-    with tempfile.TemporaryFile() as out:
+    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as peak:
+        # wait4 would report time's own peak, which still counts this script's pages.
+        timer = [TIME, "-f", "%M", "-o", peak.name, "--"] if wrap else []
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [*impl.argv[store], *args],
+            [*timer, *impl.argv[store], *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -151,11 +159,12 @@ def call(
         if code != expect:
             out.seek(0)
             sys.exit(f"bench: {impl.name}: {' '.join(args)} exited {code}:\n{out.read().decode()}")
+        peak_kib = int(peak.read().split()[-1]) if wrap else 0
     cpu = usage.ru_utime + usage.ru_stime
     if impl.server_pid:
         settle(impl.server_pid, resident)
         cpu += tree_cpu(impl.server_pid) - before
-    return wall, cpu, usage.ru_maxrss
+    return wall, cpu, peak_kib
 
 
 def quiet(impl: Impl, store: str, *args: str) -> None:
@@ -292,7 +301,8 @@ def cold(impls: list[Impl], tar: str, url: str, reps: int) -> None:
     for i, impl in rotations(impls, reps):
         for op, image in (("cold create (stack tar)", tar), ("cold create docker://", url)):
             run(["sync"])  # the previous run's dirty pages are not this one's to write
-            impl.record(op, *call(impl, "unpriv", ["create", image, f"c{i}-{impl.name}"]))
+            argv = ["create", image, f"c{i}-{impl.name}"]
+            impl.record(op, *call(impl, "unpriv", argv, rss=True))
             quiet(impl, "unpriv", "delete", f"c{i}-{impl.name}")
             quiet(impl, "unpriv", "clean")
 
@@ -373,11 +383,11 @@ def report(impls: list[Impl], loads: dict[str, Load], demand: float, reps: int, 
                 cpu = statistics.mean(impl.cpus[op]) / base_cpu
                 line += f" {wall:>19.2f}x {cpu:>5.2f}x"
         print(line)
-    print("\npeak RSS of the cold creates (max; through the server the command's is not seen):")
+    print("\npeak RSS of the cold creates, max (through the server the command's is not seen):")
     for impl in impls:
-        for op in (o for o in impl.rss_kib if o.startswith("cold")):
-            if impl.server_pid == 0:
-                print(f"  {impl.name:<10} {op:<26} {max(impl.rss_kib[op]) / 1024:7.1f} MiB")
+        for op, values in impl.rss_kib.items():
+            if op.startswith("cold") and max(values):
+                print(f"  {impl.name:<10} {op:<26} {max(values) / 1024:7.1f} MiB")
     if loads:
         print(
             f"\ncell load: stats at Garden's rate ({demand:.0f} calls/min), "
