@@ -169,6 +169,8 @@ class FileSource:
         self._fd = fd
         self._charge = charge
         self._pos = 0  # next byte of the file to hand out
+        # Told of the bytes each send() copies: they bypass Python's writes.
+        self.on_copy: Callable[[int], None] | None = None
         self._buf = b""
         self._buf_at = 0  # file offset of _buf[0]
 
@@ -203,6 +205,8 @@ class FileSource:
         else:
             n = os.sendfile(out, self._fd, self._pos, count)
         self._consume(n)
+        if self.on_copy is not None:
+            self.on_copy(n)
         return n
 
 

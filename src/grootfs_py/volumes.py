@@ -234,6 +234,62 @@ def _blame_the_blob(compressed: VerifyingReader, error: BaseException) -> None:
         return
 
 
+class _Flusher:
+    """Flush the store's filesystem on a thread of its own while a big layer is written.
+
+    Crash safety needs a layer's data on disk before its rename: one
+    syncfs(2) after the unpack. Alone, that waits for the whole layer to be
+    written out (~0.15 s of a 0.7 s cold create of a 206 MB stack tar here).
+    Started every :attr:`EVERY` bytes copied, the kernel writes out what is
+    already there while the unpack goes on, and the final syncfs finds
+    little left (0.71 -> 0.59 s, medians of 9, bench/bench_cold_ab.py).
+    Only an early start: the final syncfs still runs, so the guarantee does
+    not depend on this thread, and its errors are left to that one.
+    """
+
+    EVERY = 16 << 20
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        self._path = path
+        self._pending = 0
+        self._kick = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+
+    def __enter__(self) -> _Flusher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._kick.set()
+        self._thread.join()
+
+    def wrote(self, n: int) -> None:
+        """Count *n* bytes written; past :attr:`EVERY` since the last one, start a flush."""
+        self._pending += n
+        if self._pending >= self.EVERY:
+            self._pending = 0
+            self._kick.set()
+
+    def _run(self) -> None:
+        from grootfs_py import linux
+
+        fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while True:
+                self._kick.wait()
+                self._kick.clear()
+                if self._stop:
+                    return
+                with contextlib.suppress(OSError):
+                    linux.syncfs(fd)
+        finally:
+            os.close(fd)
+
+
 def _positioned(layer: Layer, raw: BinaryIO, budget: Budget | None) -> FileSource | None:
     """The layer as a :class:`FileSource` when it is a plain tar file with nothing to verify.
 
@@ -308,7 +364,9 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
         with contextlib.closing(compressed._inner):
             if (positioned := _positioned(layer, compressed._inner, budget)) is not None:
                 # Nothing to verify: the digest readers stay unread.
-                result = unpack_layer(positioned, tmp, idmap, layer=layer.label)
+                with _Flusher(tmp) as flusher:
+                    positioned.on_copy = flusher.wrote
+                    result = unpack_layer(positioned, tmp, idmap, layer=layer.label)
             else:
                 result = _unpack_verified(
                     layer, tmp, idmap, budget, compressed, decompressor, uncompressed

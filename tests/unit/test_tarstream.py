@@ -753,6 +753,8 @@ def test_file_source_copies_entries_of_every_size_like_a_stream(tmp_path, size: 
     data = random.Random(size).randbytes(size)
     archive = _archive(tarfile.PAX_FORMAT, [(_info("small"), b"s"), (_info("big"), data)])
     source, fd = _file_source(tmp_path, archive)
+    sent: list[int] = []
+    source.on_copy = sent.append
     try:
         reader = Reader(source)
         copied = []
@@ -762,6 +764,7 @@ def test_file_source_copies_entries_of_every_size_like_a_stream(tmp_path, size: 
                 reader.copy_to(fh.fileno())
             copied.append(out.read_bytes())
         assert copied == [b"s", data]
+        assert sum(sent) == 1 + size  # every byte copied is reported to on_copy
     finally:
         os.close(fd)
 
