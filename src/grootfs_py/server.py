@@ -537,7 +537,7 @@ class _Conn:
         self.pid = 0  # the command, once forked
         self.forker: _Forker | None = None  # who forked it (None: the server)
         self.incoming = b""  # partial KILL records
-        self.gone = False  # the shim closed its end
+        self.deferred: list[int] = []  # signals asked for before the forker said the pid
 
     def close(self) -> None:
         for fd in self.fds:
@@ -825,8 +825,10 @@ class Server:
                 if conn is not None:
                     conn.pid = b
                     forker.running[b] = conn
-                    if conn.gone:  # its shim went while it was being forked
-                        self._signal(conn, signal.SIGKILL)
+                    # The shim hears "OKAY" from the forker, so it may have
+                    # sent a signal (or gone) before this message came.
+                    for signo in conn.deferred:
+                        self._signal(conn, signo)
             elif tag == b"FAIL":
                 conn = forker.pending.pop(a, None)
                 if conn is not None:
@@ -863,7 +865,7 @@ class Server:
             # meets a process that is exiting, so it is logged at debug).
             log.debug("caller closed its connection: SIGKILL to its command", child=conn.pid)
             self._signal(conn, signal.SIGKILL)
-            self._forget(conn)
+            self._drop(conn)  # its command is still reaped (and reported to nobody)
             return
         conn.incoming += data
         while len(conn.incoming) >= RECORD.size:
@@ -876,11 +878,11 @@ class Server:
         if conn.forker is None:
             if conn.pid:
                 _kill(conn.pid, signo)  # our child, not reaped yet: the pid is its
-        elif conn.forker.ctl is not None and conn.pid:
+        elif not conn.pid:
+            conn.deferred.append(signo)  # sent when the forker tells the pid
+        elif conn.forker.ctl is not None:
             with contextlib.suppress(OSError):
                 conn.forker.ctl.send(CONTROL.pack(b"KILL", conn.pid, signo))
-        # A command not started yet when its shim went: the forker sees the
-        # shim gone before forking, or the command finds its peer gone.
 
     def _reap(self) -> None:
         while True:
@@ -904,12 +906,6 @@ class Server:
             _send(conn.sock, b"EXIT", os.waitstatus_to_exitcode(status))
         self.conns.pop(conn.sock.fileno(), None)
         conn.close()
-
-    def _forget(self, conn: _Conn) -> None:
-        """Stop watching *conn*; its command, if any, is still reaped, not reported."""
-        self.conns.pop(conn.sock.fileno(), None)
-        conn.close()
-        conn.gone = True
 
     def _drop(self, conn: _Conn) -> None:
         self.conns.pop(conn.sock.fileno(), None)

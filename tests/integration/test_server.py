@@ -319,6 +319,23 @@ def test_a_server_killed_mid_request_lets_the_request_complete(own_server, dir_s
     assert run_shim(own_server, "delete", "c", store=dir_store).returncode == 0
 
 
+def test_a_command_killed_with_no_server_left_fails_without_falling_back(
+    own_server, dir_store, proxy
+):
+    shim = stalled_create(own_server, proxy, dir_store, seconds=30)
+    [child] = own_server.children()
+    forkers = fs.children_of(own_server.pid)
+    own_server.stop(signal.SIGKILL)  # its forkers follow when their pair closes
+    fs.wait_until(lambda: not any(map(fs.alive, forkers)), what="the forkers to exit")
+    os.kill(child, signal.SIGKILL)  # nobody left to see how it died
+    out, _ = shim.communicate(timeout=30)
+    assert shim.returncode == 1
+    assert out == (
+        "grootfs-shim: the grootfs server went away before reporting the command's exit status\n"
+    )
+    assert_store_clean(dir_store)
+
+
 def test_sigterm_stops_taking_requests_and_waits_for_running_ones(own_server, dir_store, proxy):
     shim = stalled_create(own_server, proxy, dir_store, seconds=3)
     os.kill(own_server.pid, signal.SIGTERM)
