@@ -57,6 +57,7 @@ def main() -> int:
             for tree in trees if i % 2 == 0 else trees[::-1]:
                 env = {**os.environ, "PYTHONPATH": tree}
                 run(["sync"])
+                run(["sync"])  # what the store's flush left dirty on the host's filesystem
                 with tempfile.NamedTemporaryFile("r") as peak:
                     start = time.perf_counter()
                     proc = subprocess.Popen(

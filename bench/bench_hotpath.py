@@ -300,7 +300,14 @@ def hot(impls: list[Impl], tar: str, url: str, reps: int) -> None:
 def cold(impls: list[Impl], tar: str, url: str, reps: int) -> None:
     for i, impl in rotations(impls, reps):
         for op, image in (("cold create (stack tar)", tar), ("cold create docker://", url)):
-            run(["sync"])  # the previous run's dirty pages are not this one's to write
+            # The previous run's dirty pages are not this one's to write. Twice:
+            # a store's own flush dirties its backing file on the host's
+            # filesystem, which the first sync may have passed already, and an
+            # ext4 journal commit (our syncfs's, through the loop device) would
+            # write those too. GrootFS flushes nothing, so whoever ran after it
+            # paid for its 200 MB until this.
+            run(["sync"])
+            run(["sync"])
             argv = ["create", image, f"c{i}-{impl.name}"]
             impl.record(op, *call(impl, "unpriv", argv, rss=True))
             quiet(impl, "unpriv", "delete", f"c{i}-{impl.name}")
