@@ -22,6 +22,8 @@ APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo uidm
 APT_PACKAGES += nginx
 # The BOSH release's tests: ruby renders the job templates (ERB); the rest
 # compile the release's packages as a stemcell's compilation VM would.
+# /usr/bin/time: the side-by-side benchmark's peak RSS of a command.
+APT_PACKAGES += time
 APT_PACKAGES += ruby gcc make libc6-dev zlib1g-dev libffi-dev libssl-dev uuid-dev \
   xz-utils bzip2 e2fsprogs util-linux curl
 
@@ -113,9 +115,14 @@ image: deps
 demo: image
 	demo/demo.sh
 
-bench: image
-	$(PY) bench/bench_create.py
-	$(PY) bench/bench_registry.py
+# BENCH_QUICK=1: fewer repetitions, a short cell load, only the side-by-side bench.
+# GROOTFS_REFERENCE=/path/to/grootfs: GrootFS (Go) measured beside ours, with ratios.
+bench: image shim
+	$(PY) bench/bench_hotpath.py
+	@if [[ -z "$${BENCH_QUICK:-}" || "$${BENCH_QUICK}" == 0 ]]; then \
+	  $(PY) bench/bench_create.py; \
+	  $(PY) bench/bench_registry.py; \
+	fi
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
