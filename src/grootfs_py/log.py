@@ -38,6 +38,8 @@ _session: dict[str, Any] = {}
 _path: str | None = None
 _prefix = SOURCE
 _events: dict[str, str] = {}
+# Compiled at import: the fork server's commands log without compiling it each.
+_NOT_NAME = re.compile(r"[^a-z0-9]+")
 
 
 def configure(level: str, path: str | None = None, **session: Any) -> None:
@@ -84,7 +86,7 @@ def event_name(message: str) -> str:
     """``"lock waited"`` -> ``"lock-waited"``: lager's action names are kebab case."""
     name = _events.get(message)
     if name is None:
-        name = re.sub(r"[^a-z0-9]+", "-", message.lower()).strip("-") or "log"
+        name = _NOT_NAME.sub("-", message.lower()).strip("-") or "log"
         _events[message] = name
     return name
 
