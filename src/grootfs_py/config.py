@@ -12,6 +12,7 @@ contract's messages.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 from grootfs_py.errors import ConfigError, InvalidArgumentError
@@ -161,8 +162,23 @@ def load(path: str | None) -> Config:
     if not path:
         return Config()
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        data = _read(path)
     except OSError as exc:
         raise ConfigError(f"invalid config path: {path}: {exc.strerror}") from None
+    text = data.decode("utf-8")
+    if "\r" in text:  # as a text file reads it (universal newlines)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     return parse(text)
+
+
+def _read(path: str) -> bytes:
+    # Not open(): a text file object costs every command forked from the
+    # server more than the rest of loading its config.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
