@@ -22,6 +22,8 @@ APT_PACKAGES := xfsprogs mount runc busybox-static debootstrap umoci skopeo uidm
 APT_PACKAGES += nginx
 # The BOSH release's tests: ruby renders the job templates (ERB); the rest
 # compile the release's packages as a stemcell's compilation VM would.
+# /usr/bin/time: the side-by-side benchmark's peak RSS of a command.
+APT_PACKAGES += time
 APT_PACKAGES += ruby gcc make libc6-dev zlib1g-dev libffi-dev libssl-dev uuid-dev \
   xz-utils bzip2 e2fsprogs util-linux curl
 
@@ -30,7 +32,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 LINTED := src tests bench demo demo/build-debian-image
 
-.PHONY: deps apt-deps lint test test-quota demo bench image clean clean-image require-root spec shim
+.PHONY: deps apt-deps lint test test-quota demo bench image clean clean-image require-root spec shim \
+	fuzz
 
 require-root:
 	@if [[ $$(id -u) -ne 0 ]]; then echo "make: this target must run as root" >&2; exit 1; fi
@@ -97,15 +100,29 @@ test-quota: deps
 spec: apt-deps
 	ruby -e 'Dir["spec/**/*_spec.rb"].sort.each { |f| require_relative f }'
 
+# Fuzzing (tests/fuzz, see README "Hostile input"): each parser target runs
+# coverage-guided under atheris for FUZZ_SECONDS, then whole creates on a real
+# loop XFS store for FUZZ_CREATE_SECONDS; prints executions and findings per
+# target, exits 1 on any finding. `make test` runs a short seeded pass.
+FUZZ_SECONDS ?= 45
+FUZZ_CREATE_SECONDS ?= 300
+fuzz: deps require-root
+	$(PY) tests/fuzz/fuzz.py --seconds $(FUZZ_SECONDS) --create-seconds $(FUZZ_CREATE_SECONDS)
+
 image: deps
 	$(PY) demo/build-debian-image
 
 demo: image
 	demo/demo.sh
 
-bench: image
-	$(PY) bench/bench_create.py
-	$(PY) bench/bench_registry.py
+# BENCH_QUICK=1: fewer repetitions, a short cell load, only the side-by-side bench.
+# GROOTFS_REFERENCE=/path/to/grootfs: GrootFS (Go) measured beside ours, with ratios.
+bench: image shim
+	$(PY) bench/bench_hotpath.py
+	@if [[ -z "$${BENCH_QUICK:-}" || "$${BENCH_QUICK}" == 0 ]]; then \
+	  $(PY) bench/bench_create.py; \
+	  $(PY) bench/bench_registry.py; \
+	fi
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

@@ -208,3 +208,15 @@ def dir_store(require_root: None, grootfs: Grootfs) -> Iterator[str]:
             yield store
         finally:
             _delete_store_and_check(grootfs, parent, store)
+
+
+@pytest.fixture
+def small_xfs_store(require_root: None, grootfs: Grootfs) -> Iterator[str]:
+    """A loop-mounted XFS store of XFS's minimum size (300 MiB), for filling up."""
+    with _store_parent() as parent:
+        store = str(parent / "store")
+        try:
+            grootfs("init-store", "--store-size-bytes", str(300 * 1024 * 1024), store=store)
+            yield store
+        finally:
+            _delete_store_and_check(grootfs, parent, store)

@@ -171,6 +171,44 @@ describe 'the grootfs job' do
     end
   end
 
+  describe 'bin/grootfs-server' do
+    let(:utils) { job.render('bin/grootfs-utils.erb') }
+    let(:monit) { File.read(File.join(RELEASE_ROOT, 'jobs', 'grootfs', 'monit')) }
+
+    it 'keeps the socket and the pidfile monit watches in the run directory' do
+      assert_match(%r{^RUN_DIR=/var/vcap/sys/run/grootfs$}, utils)
+      assert_match(%r{^SOCKET="\$\{RUN_DIR\}/grootfs.sock"$}, utils)
+      assert_match(%r{^SERVER_PIDFILE="\$\{RUN_DIR\}/grootfs-server.pid"$}, utils)
+      assert_match(%r{^\s*with pidfile /var/vcap/sys/run/grootfs/grootfs-server.pid$}, monit)
+      assert_match(%r{start program "/var/vcap/jobs/grootfs/bin/grootfs-server start"}, monit)
+      assert_match(%r{stop program "/var/vcap/jobs/grootfs/bin/grootfs-server stop"}, monit)
+    end
+
+    it 'makes the run directory its owner\'s alone, then execs the server on the socket' do
+      text = job.render('bin/grootfs-server.erb')
+      assert_operator text.index('chmod 0700 "${RUN_DIR}"'), :<, text.index('exec "${GROOTFS}" serve')
+      assert_match(/^\s*exec "\$\{GROOTFS\}" serve --socket "\$\{SOCKET\}" \\$/, text)
+      assert_match(%r{>>"\$\{LOG_DIR\}/grootfs-server.stderr.log"}, text)
+    end
+
+    it 'runs the canary through the shim, with no fallback to hide a broken server' do
+      text = job.render('bin/post-start.erb')
+      assert_match(%r{^SHIM="\$\{PACKAGE_DIR\}/bin/grootfs-shim"$}, utils)
+      assert_match(/"\$\{SHIM\}" --config "\$\{config\}" create/, text)
+      refute_match(/"\$\{GROOTFS\}" --config/, text)
+      assert_match(%r{GROOTFS_PYTHON_CLI=/nonexistent/}, text)
+    end
+
+    it 'renders as bash that parses' do
+      IO.popen(%w[bash -n], 'r+') do |io|
+        io.write(job.render('bin/grootfs-server.erb'))
+        io.close_write
+        io.read
+      end
+      assert $?.success?
+    end
+  end
+
   describe 'every template' do
     it 'renders with the defaults and reads only declared properties' do
       job.spec['templates'].each_key { |t| job.render(t) }

@@ -217,9 +217,39 @@ def _configure(args: argparse.Namespace) -> Config:
     return config.validate()
 
 
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for an undecodable byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """*text* with every character that could break or forge a stdout line made visible.
+
+    Control characters (C0, DEL, C1), the Unicode line and paragraph
+    separators, and lone surrogates (undecodable bytes of a name) become
+    escapes, so a hostile entry name cannot add a line to stdout, move the
+    cursor, or make the write fail.
+    """
+    if text.isprintable():  # the usual case, at C speed: none of those is printable
+        return text
+    import re
+
+    return re.sub("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]", lambda m: _escaped(m[0]), text)
+
+
 def _print(value: Any) -> None:
+    """Write one line on stdout: a string (escaped) or a JSON value (ASCII-only)."""
     if isinstance(value, str):
-        sys.stdout.write(value + "\n")
+        sys.stdout.write(escape(value) + "\n")
     else:
         sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
 
@@ -253,7 +283,10 @@ def _run(args: argparse.Namespace, config: Config) -> None:
         from grootfs_py import images
 
         paths = images.list_paths(store)
-        _print("\n".join(paths) if paths else "Store empty")
+        for path in paths:
+            _print(path)  # one line each, escaped
+        if not paths:
+            _print("Store empty")
     elif command == "clean":
         from grootfs_py import clean
 
@@ -404,6 +437,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         _print("interrupted")
+        return 1
+    except Exception as exc:
+        # A bug or an input nothing foresaw: still one line for Garden, and
+        # the traceback for whoever reads the log.
+        import traceback
+
+        line = f"internal error: {type(exc).__name__}: {exc}"
+        log.error("internal error", error=line, trace=traceback.format_exc())
+        _print(line)
         return 1
     finally:
         # After the answer: what was recorded goes out even when the command failed.

@@ -12,12 +12,13 @@ contract's messages.
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 from grootfs_py.errors import ConfigError, InvalidArgumentError
 
 DEFAULT_STORE = "/var/lib/grootfs/store"
+# A real config file is a few hundred bytes; a bigger one is not a config file.
+MAX_CONFIG_BYTES = 1 << 20
 LOG_LEVELS = ("debug", "info", "error", "fatal")
 
 
@@ -129,7 +130,15 @@ def _build(cls: type[Any], data: dict[str, Any], prefix: str) -> Any:
 
 
 def _load_yaml(text: str) -> Any:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"invalid config file: larger than {MAX_CONFIG_BYTES} bytes")
     if text.lstrip().startswith("{"):
+        from grootfs_py import jsonload
+
+        if jsonload.too_deep(text):
+            raise ConfigError(
+                f"invalid config file: nested deeper than {jsonload.MAX_DEPTH} levels"
+            )
         import json
 
         try:
@@ -161,24 +170,14 @@ def load(path: str | None) -> Config:
     """Read the config file at *path*, or the defaults when no path is given."""
     if not path:
         return Config()
+    from grootfs_py.fsutil import open_regular
+
     try:
-        data = _read(path)
+        # A FIFO or device given as the config must not block the command.
+        with open_regular(path) as f:
+            text = f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"invalid config path: {path}: {exc.strerror}") from None
-    text = data.decode("utf-8")
-    if "\r" in text:  # as a text file reads it (universal newlines)
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"invalid config file: {path}: not UTF-8") from None
     return parse(text)
-
-
-def _read(path: str) -> bytes:
-    # Not open(): a text file object costs every command forked from the
-    # server more than the rest of loading its config.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)

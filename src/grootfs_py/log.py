@@ -3,17 +3,19 @@
 Garden parses the plugin's stdout, so every log line goes to stderr or to the
 configured log file. Garden passes stderr through lager's ``chug`` and re-logs
 each line that parses as a lager entry at that entry's level; any other line
-becomes a Garden *error*. So a line is what GrootFS's lager "pretty" sink
-writes, field for field::
+becomes a Garden *error*. A line is lager's own (``WriterSink``) format::
 
-    {"timestamp":"2026-11-30T10:43:33.579306105Z","level":"info","source":"grootfs",
-     "message":"grootfs.create.image-created","data":{"id":"web-1","session":"1"}}
+    {"timestamp":"1732960000.123456789","source":"grootfs",
+     "message":"grootfs.create.image-created","log_level":1,
+     "data":{"id":"web-1","session":"1"}}
 
-``timestamp`` is RFC 3339 in UTC with nanoseconds, ``level`` one of debug,
-info, error, fatal, ``message`` ``grootfs.<command>.<event>`` with the event
-in kebab case, and ``data`` always an object (Garden's relogger adds
-``original_timestamp`` to it) whose ``session``, ``error`` and ``trace``, which
-chug insists on reading as strings, are strings.
+``timestamp`` is seconds since the epoch as a decimal string, ``log_level``
+0 debug, 1 info, 2 error, 3 fatal, ``message`` ``grootfs.<command>.<event>``
+with the event in kebab case, and ``data`` always an object (Garden's
+relogger adds ``original_timestamp`` to it) whose ``session``, ``error`` and
+``trace``, which chug insists on reading as strings, are strings. This is
+the form every chug reads; newer ones also take the "pretty" form (RFC 3339
+time, ``level`` as a word) that GrootFS 0.30 writes, older ones do not.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class _LineFile:
 
 
 _threshold = LEVELS["info"]
-_stream: IO[str] | _LineFile = sys.stderr
+_stream: IO[str] | _LineFile | None = None  # None: whatever sys.stderr is at the time of writing
 _owned: _LineFile | None = None
 _session: dict[str, Any] = {}
 _path: str | None = None
@@ -108,7 +110,7 @@ def close() -> None:
     if _owned is not None:
         _owned.close()
         _owned = None
-    _stream = sys.stderr
+    _stream = None
 
 
 def enabled(level: str) -> bool:
@@ -128,27 +130,28 @@ def _emit(level: str, message: str, data: dict[str, Any]) -> None:
     if LEVELS[level] < _threshold:
         return
     seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
     fields = {**_session, **data, "session": "1"}
     for key in _STRING_KEYS:
         if key in fields and not isinstance(fields[key], str):
             fields[key] = str(fields[key])
     line = json.dumps(
         {
-            "timestamp": stamp,
-            "level": level,
+            "timestamp": f"{seconds}.{nanos:09d}",
             "source": SOURCE,
             "message": f"{_prefix}.{event_name(message)}",
+            "log_level": LEVELS[level],
             "data": fields,
         },
         default=str,
         separators=(",", ":"),
     )
+    stream = _stream if _stream is not None else sys.stderr
     try:
-        _stream.write(line + "\n")
-        _stream.flush()
-    except OSError:
-        # A full or vanished log disk must not turn a good create into a failed one.
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        # A full or vanished log disk (or a closed stderr) must not turn a
+        # good create into a failed one.
         pass
 
 

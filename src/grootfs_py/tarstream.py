@@ -25,7 +25,9 @@ survive into ``os`` calls); ``SCHILY.xattr.*`` values stay bytes.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
 from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
@@ -41,6 +43,7 @@ _HEADER_ONLY = frozenset((HARDLINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK, _GNU_SPARSE = b"x", b"g", b"L", b"K", b"S"
 _META_MAX = 1 << 20  # a PAX header or GNU long name larger than this is not a real one
 _XATTR_PREFIX = "SCHILY.xattr."
+_COPY_CHUNK = 1 << 20
 
 
 class TarFormatError(ValueError):
@@ -146,10 +149,71 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
     return records
 
 
+class FileSource:
+    """An uncompressed tar in a regular file, read by position through its fd.
+
+    For a stack tar there is nothing to hash, so an entry's data need not
+    pass through Python at all: :meth:`send` has the kernel copy it from
+    this file's page cache into the new file (sendfile(2); copy_file_range
+    refuses to cross filesystems). Headers and small files come from a
+    read-ahead buffer. *charge* is told of every byte consumed (a disk
+    limit's budget). The fd stays the caller's.
+    """
+
+    READ_AHEAD = 64 << 10
+    # Smaller data is written from the buffer: one write(2) instead of a
+    # pread(2) and a sendfile(2).
+    SEND_MIN = 16 << 10
+
+    def __init__(self, fd: int, charge: Callable[[int], None] | None = None) -> None:
+        self._fd = fd
+        self._charge = charge
+        self._pos = 0  # next byte of the file to hand out
+        # Told of the bytes each send() copies: they bypass Python's writes.
+        self.on_copy: Callable[[int], None] | None = None
+        self._buf = b""
+        self._buf_at = 0  # file offset of _buf[0]
+
+    def _buffered(self, size: int) -> bytes:
+        """Up to *size* bytes at the position from the buffer, refilled if it runs short."""
+        start = self._pos - self._buf_at
+        if start + size > len(self._buf):
+            self._buf = os.pread(self._fd, max(size, self.READ_AHEAD), self._pos)
+            self._buf_at, start = self._pos, 0
+        return self._buf[start : start + size]
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = os.fstat(self._fd).st_size - self._pos
+        data = self._buffered(size)
+        self._consume(len(data))
+        return data
+
+    def _consume(self, n: int) -> None:
+        if self._charge is not None and n:
+            self._charge(n)
+        self._pos += n
+
+    def send(self, out: int, count: int) -> int:
+        """Copy up to *count* bytes at the position to the fd *out*; 0 at the file's end."""
+        if count < self.SEND_MIN:
+            data = self._buffered(count)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view) :]
+            n = len(data)
+        else:
+            n = os.sendfile(out, self._fd, self._pos, count)
+        self._consume(n)
+        if self.on_copy is not None:
+            self.on_copy(n)
+        return n
+
+
 class Reader:
     """Entries of the tar *stream*, in order; :meth:`read` gives the current one's data."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO | FileSource) -> None:
         self._stream = stream
         self._offset = 0  # of the stream, for messages
         self._left = 0  # data bytes of the current entry not yet read
@@ -187,6 +251,23 @@ class Reader:
         self._left -= len(data)
         self._offset += len(data)
         return data
+
+    def copy_to(self, fd: int) -> None:
+        """Write the rest of the current entry's data to the fd *fd*."""
+        send = self._stream.send if isinstance(self._stream, FileSource) else None
+        while self._left:
+            if send is not None:
+                n = send(fd, self._left)
+            else:
+                data = self._stream.read(min(_COPY_CHUNK, self._left))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                n = len(data)
+            if not n:
+                raise TarFormatError(f"unexpected end of data in entry at offset {self._offset}")
+            self._left -= n
+            self._offset += n
 
     # -- headers -----------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from typing import BinaryIO, TypeVar
 from grootfs_py import log
 from grootfs_py.errors import GrootError, InvalidArgumentError, UnpackError
 from grootfs_py.idmap import IdMap
-from grootfs_py.tarstream import Entry, Reader
+from grootfs_py.tarstream import Entry, FileSource, Reader
 
 CHUNK_SIZE = 1 << 20
 WHITEOUT_PREFIX = ".wh."
@@ -80,7 +80,7 @@ class _Missing(_Refused):
 
 
 def unpack_layer(
-    stream: BinaryIO,
+    stream: BinaryIO | FileSource,
     dest: str,
     idmap: IdMap,
     *,
@@ -133,6 +133,10 @@ def unpack_layer(
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        # A layer that expands past the store's free space (a gzip bomb, when no
+        # disk limit bounds it): said plainly, the operator's cue to set limits.
+        return "no space left in the store"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e) or type(e).__name__
@@ -429,10 +433,7 @@ class _Unpacker:
             parent, name, path, lambda: os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
         )
         try:
-            while chunk := tar.read(CHUNK_SIZE):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            tar.copy_to(fd)
             st = os.fstat(fd)
             self.sizes[st.st_ino] = st.st_size
             self._apply(fd, member, user_xattrs=True, times=True)

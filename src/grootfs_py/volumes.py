@@ -13,10 +13,11 @@ import contextlib
 import errno
 import io
 import os
+import stat
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from grootfs_py import fsutil, locks, log, metrics, overlay
 from grootfs_py.digest import VerifyingReader
@@ -30,6 +31,9 @@ from grootfs_py.errors import (
 from grootfs_py.idmap import IdMap
 from grootfs_py.sources import Layer
 from grootfs_py.store import INCOMPLETE, Store, volume_name
+
+if TYPE_CHECKING:
+    from grootfs_py.tarstream import FileSource
 
 # Layers fetched and unpacked at once. Unpacking is mostly syscalls and
 # decompression (both release the GIL); more than a few at once only
@@ -247,6 +251,146 @@ def _blame_the_blob(compressed: VerifyingReader, error: BaseException) -> None:
         return
 
 
+class _Flusher:
+    """Flush the store's filesystem on a thread of its own while a big layer is written.
+
+    Crash safety needs a layer's data on disk before its rename: one
+    syncfs(2) after the unpack. Alone, that waits for the whole layer to be
+    written out (~0.15 s of a 0.7 s cold create of a 206 MB stack tar here).
+    Started every :attr:`EVERY` bytes copied, the kernel writes out what is
+    already there while the unpack goes on, and the final syncfs finds
+    little left (0.71 -> 0.59 s, medians of 9, bench/bench_cold_ab.py).
+    Only an early start: the final syncfs still runs, so the guarantee does
+    not depend on this thread, and its errors are left to that one.
+    """
+
+    EVERY = 16 << 20
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        self._path = path
+        self._pending = 0
+        self._kick = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+
+    def __enter__(self) -> _Flusher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._kick.set()
+        self._thread.join()
+
+    def wrote(self, n: int) -> None:
+        """Count *n* bytes written; past :attr:`EVERY` since the last one, start a flush."""
+        self._pending += n
+        if self._pending >= self.EVERY:
+            self._pending = 0
+            self._kick.set()
+
+    def _run(self) -> None:
+        from grootfs_py import linux
+
+        fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while True:
+                self._kick.wait()
+                self._kick.clear()
+                if self._stop:
+                    return
+                with contextlib.suppress(OSError):
+                    linux.syncfs(fd)
+        finally:
+            os.close(fd)
+
+
+def _positioned(layer: Layer, raw: BinaryIO, budget: Budget | None) -> FileSource | None:
+    """The layer as a :class:`FileSource` when it is a plain tar file with nothing to verify.
+
+    That is a stack tar (``create /path/rootfs.tar``): its data is then
+    copied file to file by the kernel instead of read and written by Python.
+    """
+    from grootfs_py import compression
+    from grootfs_py.tarstream import FileSource
+
+    if layer.compression != compression.NONE or layer.digest or layer.diff_id or layer.size:
+        return None
+    try:
+        fd = raw.fileno()
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return FileSource(fd, budget.spend if budget is not None else None) if regular else None
+
+
+def _unpack_verified(
+    store: Store,
+    layer: Layer,
+    tmp: str,
+    idmap: IdMap,
+    budget: Budget | None,
+    compressed: VerifyingReader,
+    decompressor: BinaryIO | None,
+    uncompressed: VerifyingReader,
+    parent: str,
+) -> int:
+    """Unpack the layer's stream into *tmp*, checking its digests and sizes as it goes.
+
+    Returns the layer's size in bytes.
+    """
+    from grootfs_py.unpack import unpack_layer
+
+    try:
+        try:
+            stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
+            if store.rootless:
+                from grootfs_py import userns
+
+                size = userns.unpack(
+                    store,
+                    cast(BinaryIO, stream),
+                    tmp,
+                    layer=layer.label,
+                    base_directory=layer.base_directory,
+                    parent=parent,
+                )
+            else:
+                size = unpack_layer(
+                    cast(BinaryIO, stream),
+                    tmp,
+                    idmap,
+                    layer=layer.label,
+                    base_directory=layer.base_directory,
+                    parent=parent,
+                ).size_bytes
+            while uncompressed.read(1 << 20):
+                pass
+        finally:
+            if decompressor is not None:
+                # Joins the inflating thread: nothing else reads the blob before.
+                decompressor.close()
+        # Compressed bytes first: a corrupt blob is a layerID mismatch even
+        # when it still decompresses (to the wrong tar).
+        compressed.finish()
+        uncompressed.finish()
+    except VerificationError:
+        raise
+    except Exception as exc:
+        _blame_the_blob(compressed, exc)
+        if isinstance(exc, GrootError):
+            raise
+        # zlib.error, EOFError, zstandard.ZstdError...: a corrupt stream.
+        if isinstance(exc, OSError | EOFError | ValueError | zlib.error) or (
+            type(exc).__name__ == "ZstdError"
+        ):
+            raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
+        raise
+    return size
+
+
 def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = None) -> None:
     # GrootFS's DownloadTime spans the whole layer: fetched, unpacked and in place.
     with metrics.timed("DownloadTime"):
@@ -265,57 +409,27 @@ def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget |
         if not store.rootless:
             os.chown(tmp, idmap.root_uid, idmap.root_gid)
         compressed, decompressor, uncompressed = _open_verified(layer)
+        parent = store.volume_dir(layer.parent_chain_id) if layer.parent_chain_id else ""
         # UnpackTime: reading the stream into the directory, verified (the
         # download streams through it, so its time is in there too).
         with contextlib.closing(compressed._inner), metrics.timed("UnpackTime"):
-            try:
-                try:
-                    stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
-                    parent = (
-                        store.volume_dir(layer.parent_chain_id) if layer.parent_chain_id else ""
-                    )
-                    if store.rootless:
-                        from grootfs_py import userns
-
-                        size = userns.unpack(
-                            store,
-                            cast(BinaryIO, stream),
-                            tmp,
-                            layer=layer.label,
-                            base_directory=layer.base_directory,
-                            parent=parent,
-                        )
-                    else:
-                        size = unpack_layer(
-                            cast(BinaryIO, stream),
-                            tmp,
-                            idmap,
-                            layer=layer.label,
-                            base_directory=layer.base_directory,
-                            parent=parent,
-                        ).size_bytes
-                    while uncompressed.read(1 << 20):
-                        pass
-                finally:
-                    if decompressor is not None:
-                        # Joins the inflating thread: nothing else reads the blob before.
-                        decompressor.close()
-                # Compressed bytes first: a corrupt blob is a layerID mismatch even
-                # when it still decompresses (to the wrong tar).
-                compressed.finish()
-                uncompressed.finish()
-            except VerificationError:
-                raise
-            except Exception as exc:
-                _blame_the_blob(compressed, exc)
-                if isinstance(exc, GrootError):
-                    raise
-                # zlib.error, EOFError, zstandard.ZstdError...: a corrupt stream.
-                if isinstance(exc, OSError | EOFError | ValueError | zlib.error) or (
-                    type(exc).__name__ == "ZstdError"
-                ):
-                    raise UnpackError(f"unpack layer {layer.label}: {exc}") from None
-                raise
+            positioned = None if store.rootless else _positioned(layer, compressed._inner, budget)
+            if positioned is not None:
+                # Nothing to verify: the digest readers stay unread.
+                with _Flusher(tmp) as flusher:
+                    positioned.on_copy = flusher.wrote
+                    size = unpack_layer(
+                        positioned,
+                        tmp,
+                        idmap,
+                        layer=layer.label,
+                        base_directory=layer.base_directory,
+                        parent=parent,
+                    ).size_bytes
+            else:
+                size = _unpack_verified(
+                    store, layer, tmp, idmap, budget, compressed, decompressor, uncompressed, parent
+                )
         fsutil.write_json(store.volume_meta(layer.chain_id), {"size": size})
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -333,6 +447,9 @@ def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget |
     except BaseException:
         store.remove_tree(tmp)
         raise
+    # Linked now, not when the whole image is ready: a create whose next layer
+    # fails keeps this one cached, and a cached layer has its link (check-store).
+    link(store, layer.chain_id)
     log.info("layer ready", layer=layer.label, size=size)
 
 

@@ -316,7 +316,7 @@ def test_log_lines_are_json_and_never_on_stdout(tmp_path):
     )
     assert result.stdout == ""
     lines = [json.loads(line) for line in result.stderr.splitlines()]
-    keys = {"timestamp", "level", "source", "message", "data"}
+    keys = {"timestamp", "log_level", "source", "message", "data"}
     assert lines and all(set(e) == keys and e["source"] == "grootfs" for e in lines)
     assert all(e["message"].startswith("grootfs.init-store.") for e in lines)
     subprocess.run(

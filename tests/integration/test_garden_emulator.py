@@ -65,7 +65,9 @@ def _own_levels_kept(calls: list[garden.PluginCall]) -> None:
         assert len(call.relogged) == len(lines)
         for line, r in zip(lines, call.relogged, strict=True):
             assert r.entry.is_lager, f"logged by Garden as an error: {line}"
-            assert r.garden_level == {"fatal": "error"}.get(lvl := json.loads(line)["level"], lvl)
+            assert (
+                r.garden_level == ("debug", "info", "error", "error")[json.loads(line)["log_level"]]
+            )
 
 
 @pytest.mark.parametrize(

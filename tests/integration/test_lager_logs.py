@@ -9,6 +9,7 @@ here the real CLI's stderr, and its log file, go through it.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import pytest
 import garden
 import imagefactory as f
 
-LAGER_TO_GARDEN = {"debug": "debug", "info": "info", "error": "error", "fatal": "error"}
+LAGER_TO_GARDEN = {0: "debug", 1: "info", 2: "error", 3: "error"}  # fatal is a Garden error
 
 
 def _cli(*args: str, log_file: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -35,8 +36,11 @@ def _assert_kept_at_their_level(text: str, command: str) -> list[garden.Relogged
     assert len(relogged) == len(lines)
     for line, r in zip(lines, relogged, strict=True):
         own = json.loads(line)
+        # lager's own form, the one every chug reads (not only newer ones).
+        assert re.fullmatch(r"[0-9]+\.[0-9]{9}", own["timestamp"]), line
+        assert type(own["log_level"]) is int and "level" not in own, line
         assert r.entry.is_lager, f"Garden would log this line as an error: {line}"
-        assert r.garden_level == LAGER_TO_GARDEN[own["level"]], line
+        assert r.garden_level == LAGER_TO_GARDEN[own["log_level"]], line
         assert r.message == own["message"]
         assert r.message.startswith(f"grootfs.{command}."), line
         assert r.entry.source == "grootfs"

@@ -314,7 +314,7 @@ def test_without_an_agent_every_command_behaves_as_without_metrics(
     errors = [
         json.loads(line)["message"].rpartition(".")[2]
         for line in lines
-        if json.loads(line)["level"] == "error"
+        if json.loads(line)["log_level"] == 2  # error
     ]
     if endpoint.startswith("no-such-host"):
         # Refused (no DNS lookup on every call), said by each command, never fatal.

@@ -135,7 +135,6 @@ def test_output_reaches_the_callers_own_pipes(server, dir_store):
     # The log line went to the caller's stderr, not the server's.
     line = json.loads(missing.stderr.splitlines()[-1])
     assert line["message"] == "grootfs.stats.command-failed"
-    assert line["data"]["command"] == "stats"
     assert "image `nope` not found" not in server.log()
 
 
@@ -434,7 +433,7 @@ def test_another_uid_is_refused_by_the_server_and_falls_back(server, dir_store, 
     fs.wait_until(
         lambda: f'"peer_uid":{NOBODY}' in server.log(), timeout=5, what="the refusal logged"
     )
-    assert "refused a caller of another uid" in server.log()
+    assert ".serve.refused-a-caller-of-another-uid" in server.log()
     # The same call by the server's own uid is served (no fallback to run).
     same = run_shim(server, "--log-file", str(shared_dir / "root.log"), "list", store=dir_store)
     assert same.returncode == 0
@@ -454,7 +453,7 @@ def test_another_uid_cannot_reach_the_socket_and_falls_back(server, dir_store, s
     # CAP_DAC_READ_SEARCH only so that this uid can run the test's Python,
     # which lives under root's home here; the socket (0600) still stops it.
     cap = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
-    refusals = server.log().count("refused a caller")
+    refusals = server.log().count(".serve.refused-a-caller")
     result = subprocess.run(
         [*_as_nobody(*cap), str(fs.SHIM), "--store", dir_store, "--log-file", str(log), "list"],
         stdin=subprocess.DEVNULL,
@@ -465,7 +464,7 @@ def test_another_uid_cannot_reach_the_socket_and_falls_back(server, dir_store, s
     )
     assert (result.returncode, result.stdout) == (0, "Store empty\n"), result.stderr
     assert log.stat().st_uid == NOBODY
-    assert server.log().count("refused a caller") == refusals  # it never got that far
+    assert server.log().count(".serve.refused-a-caller") == refusals  # it never got that far
 
 
 _CONNECT = """
@@ -483,7 +482,7 @@ def test_a_serve_request_is_not_forked_but_left_to_the_python_command(server, tm
     # Refused unanswered, so the shim fell back, here to a command that does not exist.
     assert result.returncode == 1
     assert result.stdout == f"grootfs-shim: cannot run {fs.NO_CLI}: No such file or directory\n"
-    assert "refused a serve request" in server.log()
+    assert ".serve.refused-a-serve-request" in server.log()
 
 
 # -- fallback ------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import imagefactory as f
 from grootfs_py.errors import UnpackError, VerificationError
 from grootfs_py.idmap import IdMap, IdMapping
+from grootfs_py.tarstream import FileSource
 from grootfs_py.unpack import UnpackResult, unpack_layer
 
 LAYER = "sha256:feedface"
@@ -51,15 +52,25 @@ class Stream(io.RawIOBase):
 
 @dataclass
 class Box:
-    """dest (the layer directory) beside outside/, which no entry may touch."""
+    """dest (the layer directory) beside outside/, which no entry may touch.
+
+    *positioned*: layers are read as a stack tar is, from a file by position
+    (FileSource, data copied by sendfile), instead of as a stream.
+    """
 
     root: Path
     dest: Path
     outside: Path
+    positioned: bool = False
 
     def unpack(self, layer: list[f.Entry] | bytes, idmap: IdMap = IDENTITY) -> UnpackResult:
         data = layer if isinstance(layer, bytes) else f.layer_tar(layer)
-        return unpack_layer(Stream(data), str(self.dest), idmap, layer=LAYER)  # type: ignore[arg-type]
+        if not self.positioned:
+            return unpack_layer(Stream(data), str(self.dest), idmap, layer=LAYER)  # type: ignore[arg-type]
+        tar = self.root.with_name(self.root.name + "-layer.tar")  # not beside dest
+        tar.write_bytes(data)
+        with tar.open("rb") as fh:
+            return unpack_layer(FileSource(fh.fileno()), str(self.dest), idmap, layer=LAYER)
 
     def snapshot_outside(self) -> dict[str, tuple[object, ...]]:
         """Everything beside dest, with metadata, contents and xattrs."""
@@ -76,13 +87,13 @@ class Box:
         return seen
 
 
-@pytest.fixture
-def box(require_root: None, tmp_path: Path) -> Box:
+@pytest.fixture(params=[False, True], ids=["stream", "positioned"])
+def box(require_root: None, tmp_path: Path, request: pytest.FixtureRequest) -> Box:
     dest, outside = tmp_path / "dest", tmp_path / "outside"
     dest.mkdir()
     outside.mkdir()
     (outside / "file").write_bytes(b"sentinel")
-    return Box(tmp_path, dest, outside)
+    return Box(tmp_path, dest, outside, positioned=request.param)
 
 
 def xattrs_of(path: Path) -> dict[str, bytes]:

@@ -32,6 +32,14 @@ GiB = 1024**3
 MiB = 1024**2
 JOB = "/var/vcap/jobs/grootfs"
 GROOTFS = "/var/vcap/packages/grootfs_py/bin/grootfs"
+# Garden's image plugin: the shim, served by bin/grootfs-server (monit's process).
+SHIM = "/var/vcap/packages/grootfs_py/bin/grootfs-shim"
+RUN_DIR = "/var/vcap/sys/run/grootfs"
+SOCKET = f"{RUN_DIR}/grootfs.sock"
+PIDFILE = f"{RUN_DIR}/grootfs-server.pid"
+PATH_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+# The shim with its fallback pointed nowhere: only the server can answer.
+SERVER_ONLY = {**PATH_ENV, "GROOTFS_PYTHON_CLI": "/nonexistent/grootfs"}
 STORES = {
     "unprivileged": "/var/vcap/data/grootfs/store/unprivileged",
     "privileged": "/var/vcap/data/grootfs/store/privileged",
@@ -66,8 +74,21 @@ class Cell:
         return self.ns.run(argv, **kwargs)  # type: ignore[arg-type]
 
     def grootfs(self, store: str, *args: str, check: bool = True) -> str:
-        # As Garden calls the plugin: its extra args first, then the command.
-        return self.run([GROOTFS, "--config", CONFIGS[store], *args], check=check).stdout
+        # As Garden calls the plugin (the shim): its extra args first, then the command.
+        return self.run([SHIM, "--config", CONFIGS[store], *args], check=check).stdout
+
+    def start_server(self) -> None:
+        """What monit does after pre-start: bin/grootfs-server start, in the background."""
+        self.run(
+            ["bash", "-c", f"setsid {JOB}/bin/grootfs-server start </dev/null >/dev/null 2>&1 &"]
+        )
+        deadline = time.monotonic() + 30
+        while self.run(["test", "-S", SOCKET], check=False).returncode != 0:
+            assert time.monotonic() < deadline, "grootfs-server did not start"
+            time.sleep(0.05)
+
+    def stop_server(self) -> None:
+        self.run([f"{JOB}/bin/grootfs-server", "stop"], timeout=60)
 
     def config(self, store: str) -> dict[str, object]:
         return json.loads(self.run(["cat", CONFIGS[store]]).stdout)
@@ -144,8 +165,10 @@ def cell(require_root_module: None, compiled_packages: None):
         started = time.monotonic()
         c.pre_start_output = ns.run([f"{JOB}/bin/pre-start"], timeout=300).stdout
         c.pre_start_seconds = time.monotonic() - started
+        c.start_server()
         yield c
     finally:
+        ns.run([f"{JOB}/bin/grootfs-server", "stop"], check=False, timeout=60)
         ns.close()
         # Nothing may outlive the cell: no loop device on the disk or a store.
         deadline = time.monotonic() + 10
@@ -208,6 +231,47 @@ def test_pre_start_formats_mounts_and_initialises_both_stores_with_the_packaged_
 def test_pre_start_installs_the_scheduled_clean(cell):
     entry = cell.run(["cat", "/etc/cron.d/grootfs-py-clean"]).stdout.splitlines()[-1]
     assert entry.startswith(f"*/30 * * * * root {JOB}/bin/clean >>/var/vcap/sys/log/grootfs/")
+
+
+def test_monit_runs_the_server_on_its_socket_in_a_directory_only_root_enters(cell):
+    pid = cell.run(["cat", PIDFILE]).stdout.strip()
+    cmdline = cell.run(["cat", f"/proc/{pid}/cmdline"]).stdout.split("\0")
+    assert cmdline[-4:-1] == ["serve", "--socket", SOCKET]
+    assert cell.run(["stat", "-c", "%a %U", RUN_DIR]).stdout.split() == ["700", "root"]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_the_server_answers_garden_s_calls_through_the_shim(cell, oci_image, store):
+    handle = f"served-{store}"
+    argv = [SHIM, "--config", CONFIGS[store]]
+    spec = json.loads(cell.run([*argv, "create", oci_image, handle], env=SERVER_ONLY).stdout)
+    assert spec["root"]["path"] == f"{STORES[store]}/images/{handle}/rootfs"
+    stats = json.loads(cell.run([*argv, "stats", handle], env=SERVER_ONLY).stdout)
+    assert "total_bytes_used" in stats["disk_usage"]
+    assert cell.run([*argv, "delete", handle], env=SERVER_ONLY).stdout.startswith("Image ")
+
+
+def test_a_stopped_server_only_costs_speed(cell, oci_image):
+    pid = cell.run(["cat", PIDFILE]).stdout.strip()
+    cell.stop_server()
+    try:
+        assert cell.run(["test", "-e", SOCKET], check=False).returncode == 1
+        assert cell.run(["test", "-e", PIDFILE], check=False).returncode == 1
+        assert cell.run(["test", "-e", f"/proc/{pid}"], check=False).returncode == 1
+        # Garden's calls still work: the shim runs the packaged Python command.
+        spec = json.loads(cell.grootfs("unprivileged", "create", oci_image, "no-server"))
+        assert spec["root"]["path"].endswith("/images/no-server/rootfs")
+        assert "disk_usage" in json.loads(cell.grootfs("unprivileged", "stats", "no-server"))
+        assert cell.grootfs("unprivileged", "delete", "no-server").startswith("Image ")
+        # Without the fallback nothing answers: these calls really bypassed a server.
+        refused = cell.run(
+            [SHIM, "--config", CONFIGS["unprivileged"], "list"], env=SERVER_ONLY, check=False
+        )
+        assert refused.returncode != 0
+    finally:
+        cell.start_server()
+    listed = cell.run([SHIM, "--config", CONFIGS["unprivileged"], "list"], env=SERVER_ONLY)
+    assert listed.stdout.strip() == "Store empty"
 
 
 @pytest.mark.parametrize("store", STORES)

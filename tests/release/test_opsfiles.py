@@ -9,7 +9,8 @@ OPS = ROOT / "manifests" / "operations"
 BASE = yaml.safe_load(
     (ROOT / "tests" / "release" / "fixtures" / "cf-deployment-excerpt.yml").read_text()
 )
-PLUGIN = "/var/vcap/packages/grootfs_py/bin/grootfs"
+# Garden runs the native shim; it hands each call to the job's server.
+PLUGIN = "/var/vcap/packages/grootfs_py/bin/grootfs-shim"
 CONFIG = "/var/vcap/jobs/grootfs/config/grootfs_config.yml"
 PRIVILEGED_CONFIG = "/var/vcap/jobs/grootfs/config/privileged_grootfs_config.yml"
 

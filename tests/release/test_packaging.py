@@ -59,3 +59,13 @@ def test_the_canary_image_is_shipped_in_the_package(packages_offline):
     assert "./etc/grootfs-canary" in listing
     assert "./bin/busybox" in listing
     assert "./bin/sh -> busybox" in listing
+
+
+def test_the_shim_is_compiled_into_the_package_statically(packages_offline):
+    ns = packages_offline
+    shim = "/var/vcap/packages/grootfs_py/bin/grootfs-shim"
+    ldd = ns.run(["ldd", shim], check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr  # nothing to load at run time
+    # No server here: with its defaults the shim runs the packaged Python command.
+    help_text = ns.run([shim, "--help"]).stdout
+    assert "init-store" in help_text and "create" in help_text

@@ -50,5 +50,11 @@ def test_a_schedule_is_normalised():
 
 def test_an_unreadable_file_is_a_clear_error(tmp_path):
     (tmp_path / "release.json").write_text("{not json")
-    with pytest.raises(ReleaseError, match=r"read job properties .*release.json"):
+    with pytest.raises(ReleaseError, match=r"job properties .*release.json: not JSON"):
+        properties.load(str(tmp_path / "release.json"))
+
+
+def test_deeply_nested_properties_are_a_clear_error(tmp_path):
+    (tmp_path / "release.json").write_text("[" * 100_000)
+    with pytest.raises(ReleaseError, match=r"release.json: nested deeper than 100 levels"):
         properties.load(str(tmp_path / "release.json"))

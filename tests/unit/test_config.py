@@ -93,11 +93,6 @@ def test_bad_values_fail_validation(text, message):
     assert str(err.value).startswith(message)
 
 
-def test_a_directory_is_invalid_config_path(tmp_path):
-    with pytest.raises(ConfigError, match=r"^invalid config path: .*: Is a directory$"):
-        config.load(str(tmp_path))
-
-
 @pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
 def test_a_file_reads_alike_whatever_its_line_ends(tmp_path, newline):
     path = tmp_path / "c.yml"

@@ -1,13 +1,21 @@
 """tarstream against CPython's tarfile, and on hand-made malformed and edge-case headers."""
 
 import io
+import os
 import random
 import tarfile
 from decimal import Decimal
 
 import pytest
 
-from grootfs_py.tarstream import Entry, Reader, TarFormatError, parse_pax, pax_time_ns
+from grootfs_py.tarstream import (
+    Entry,
+    FileSource,
+    Reader,
+    TarFormatError,
+    parse_pax,
+    pax_time_ns,
+)
 
 FORMATS = [
     pytest.param(tarfile.USTAR_FORMAT, id="ustar"),
@@ -728,3 +736,64 @@ def test_pax_numbers_are_plain_decimal_digits(key, value):
 
     with pytest.raises(TarFormatError, match=f"bad PAX {key}"):
         _skip_all(_pax_member(record))
+
+
+# -- FileSource: a tar read by position from a file ------------------------------------
+
+
+def _file_source(tmp_path, data: bytes, charge=None) -> tuple[FileSource, int]:
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    return FileSource(fd, charge), fd
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 16 << 10, 100_000, 3 << 20])
+def test_file_source_copies_entries_of_every_size_like_a_stream(tmp_path, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    archive = _archive(tarfile.PAX_FORMAT, [(_info("small"), b"s"), (_info("big"), data)])
+    source, fd = _file_source(tmp_path, archive)
+    sent: list[int] = []
+    source.on_copy = sent.append
+    try:
+        reader = Reader(source)
+        copied = []
+        while (entry := reader.next()) is not None:
+            out = tmp_path / entry.name
+            with out.open("wb") as fh:
+                reader.copy_to(fh.fileno())
+            copied.append(out.read_bytes())
+        assert copied == [b"s", data]
+        assert sum(sent) == 1 + size  # every byte copied is reported to on_copy
+    finally:
+        os.close(fd)
+
+
+def test_file_source_charges_every_byte_it_hands_out(tmp_path) -> None:
+    archive = _archive(tarfile.USTAR_FORMAT, [(_info("a"), RANDOM_100K)])
+    charged: list[int] = []
+    source, fd = _file_source(tmp_path, archive, charged.append)
+    try:
+        reader = Reader(source)
+        with open(os.devnull, "wb") as null:
+            while reader.next() is not None:
+                reader.copy_to(null.fileno())
+        # The header, the data with its padding, and the first end-of-archive block.
+        assert sum(charged) == 512 + 100_352 + 512
+    finally:
+        os.close(fd)
+
+
+def test_file_source_truncated_data_is_a_format_error(tmp_path) -> None:
+    archive = _archive(tarfile.USTAR_FORMAT, [(_info("a"), RANDOM_100K)])[:60_000]
+    source, fd = _file_source(tmp_path, archive)
+    try:
+        reader = Reader(source)
+        reader.next()
+        with (
+            open(os.devnull, "wb") as null,
+            pytest.raises(TarFormatError, match="unexpected end of data in entry"),
+        ):
+            reader.copy_to(null.fileno())
+    finally:
+        os.close(fd)

@@ -9,7 +9,6 @@ an older template and gives pre-start one place to read typed values from.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from grootfs_py.release.errors import ReleaseError
 from grootfs_py.release.sizing import SizingInput
 
 LOG_LEVELS = ("debug", "info", "error", "fatal")
+# Job properties and store configs are a few KiB; bound what is read all the same.
+MAX_JSON_BYTES = 8 << 20
 _CRON_FIELD = re.compile(r"^[0-9*/,-]+$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
@@ -137,14 +138,15 @@ def validate(raw: Mapping[str, Any]) -> JobProperties:
 
 def read_json_object(path: str, what: str = "") -> dict[str, Any]:
     """The JSON object in *path*; a missing file or other JSON is a ReleaseError."""
+    from grootfs_py import jsonload
+
     where = f"{what} {path}" if what else path
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
     except OSError as exc:
         raise ReleaseError(f"read {where}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ReleaseError(f"read {where}: not JSON: {exc}") from None
+    data = jsonload.loads(raw, f"{where}", max_bytes=MAX_JSON_BYTES, error=ReleaseError)
     if not isinstance(data, dict):
         raise ReleaseError(f"read {where}: not a JSON object")
     return data

@@ -5,7 +5,6 @@ Shared by every source that reads image JSON (OCI layouts, registries).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple
@@ -76,7 +75,10 @@ class Descriptor(NamedTuple):
             digest=check_digest(data.get("digest", "")),
             size=size,
             platform=platform_ if isinstance(platform_, dict) else None,
-            annotations=annotations if isinstance(annotations, dict) else None,
+            # Annotations are strings (OCI); others are dropped, not trusted to be.
+            annotations={k: v for k, v in annotations.items() if isinstance(v, str)}
+            if isinstance(annotations, dict)
+            else None,
             urls=tuple(urls),
         )
 
@@ -92,10 +94,9 @@ class ImageConfig(NamedTuple):
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ImageSourceError(f"invalid {what}: not JSON") from None
+    from grootfs_py import jsonload
+
+    doc = jsonload.loads(data, what, max_bytes=MAX_JSON_BYTES)
     if not isinstance(doc, dict):
         raise ImageSourceError(f"invalid {what}: not a JSON object")
     return doc

@@ -90,7 +90,8 @@ class Layout:
             raise ImageSourceError(f"read layer {desc.digest}: {path}: {exc.strerror}") from None
 
     def index(self) -> dict[str, Any]:
-        data = self._read(os.path.join(self.path, "index.json"), m.MAX_JSON_BYTES, "index.json")
+        path = os.path.join(self.path, "index.json")
+        data = self._read(path, m.MAX_JSON_BYTES + 1, "index.json")
         return m.load_json(data, "OCI layout index.json")
 
     def _read(self, path: str, limit: int, what: str) -> bytes:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import threading
@@ -253,9 +252,9 @@ class Client:
                     raise self._auth_required()
                 if ok:
                     try:
-                        doc = json.loads(body)
+                        doc = m.load_json(body, "token answer")
                         token = doc.get("token") or doc.get("access_token")
-                    except (ValueError, AttributeError):
+                    except ImageSourceError:
                         token = None
                     if not isinstance(token, str) or not token:
                         raise ImageSourceError(
