@@ -91,3 +91,19 @@ def test_bad_values_fail_validation(text, message):
     with pytest.raises(InvalidArgumentError) as err:
         config.parse(text).validate()
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_a_file_reads_alike_whatever_its_line_ends(tmp_path, newline):
+    path = tmp_path / "c.yml"
+    text = "store: /s\nlog_level: error\ncreate:\n  insecure_registries:\n  - r:5000\n"
+    path.write_bytes(text.replace("\n", newline).encode())
+    c = config.load(str(path))
+    assert (c.store, c.log_level, c.create.insecure_registries) == ("/s", "error", ("r:5000",))
+
+
+def test_a_json_file_is_read(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"store": "/s\u00e9", "create": {"with_clean": true}}', encoding="utf-8")
+    c = config.load(str(path))
+    assert (c.store, c.create.with_clean) == ("/s\u00e9", True)
