@@ -132,31 +132,6 @@ def command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
-def quick_args(argv: Sequence[str]) -> argparse.Namespace | None:
-    """What the parser makes of Garden's ``[global flags] stats|delete <image>``, or None.
-
-    Only for argv of exactly that shape, every flag spelt out and no value
-    that starts with "-"; anything else (None) goes to argparse, whose
-    parse costs a command forked from the server ~125 page faults (it
-    touches every action of the parser). tests/unit/test_quick_args.py
-    checks that the two agree.
-    """
-    values: dict[str, str | None] = dict.fromkeys(_GLOBAL_DESTS)
-    i, n = 0, len(argv)
-    while i < n and argv[i] in _GLOBAL_FLAGS_WITH_VALUE:
-        if i + 1 >= n or argv[i + 1].startswith("-"):
-            return None
-        values[argv[i][2:].replace("-", "_")] = argv[i + 1]  # the last one wins, as in argparse
-        i += 2
-    if n - i != 2 or argv[i] not in ("stats", "delete") or argv[i + 1].startswith("-"):
-        return None
-    if values["log_level"] is not None and values["log_level"] not in LOG_LEVEL_CHOICES:
-        return None
-    return argparse.Namespace(**values, command=argv[i], image=argv[i + 1])
-
-
-_GLOBAL_DESTS = tuple(flag[2:].replace("-", "_") for flag in _GLOBAL_FLAGS_WITH_VALUE)
-LOG_LEVEL_CHOICES = ("debug", "info", "error", "fatal")
 _PARSERS: dict[str | None, argparse.ArgumentParser] = {}
 
 
@@ -191,7 +166,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--store", help="store path (overrides the config file)")
-    parser.add_argument("--log-level", choices=LOG_LEVEL_CHOICES)
+    parser.add_argument("--log-level", choices=("debug", "info", "error", "fatal"))
     parser.add_argument("--log-file", help="write JSON log lines here instead of stderr")
     parser.add_argument("--metron-endpoint", help="send metrics to this ip:port (dropsonde, UDP)")
     # An explicit prog spares argparse formatting a usage line to make one.
@@ -448,10 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:]
     try:
         only = command_of(argv)
-        args = quick_args(argv) if only in ("stats", "delete") else None
-        if args is None:
-            parser = _PARSERS.get(only) or build_parser(only)
-            args = parser.parse_args(argv)
+        parser = _PARSERS.get(only) or build_parser(only)
+        args = parser.parse_args(argv)
         config = _configure(args)
         log.configure(config.log_level, config.log_file or None, command=args.command)
         if config.metron_endpoint:
