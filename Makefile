@@ -112,7 +112,7 @@ fuzz: deps require-root
 image: deps
 	$(PY) demo/build-debian-image
 
-demo: image
+demo: image shim
 	demo/demo.sh
 
 # BENCH_QUICK=1: fewer repetitions, a short cell load, only the side-by-side bench.
