@@ -92,8 +92,23 @@ def _cstring(field: bytes) -> bytes:
     return field if end < 0 else field[:end]
 
 
+# Header fields recur (modes, owners, nearby times): parsed once each.
+_NUMBERS: dict[bytes, int] = {}
+_NUMBERS_MAX = 4096
+
+
 def _number(field: bytes, what: str) -> int:
     """A header number: octal (space or NUL padded) or GNU base-256."""
+    value = _NUMBERS.get(field)
+    if value is None:
+        value = _parse_number(field, what)
+        if len(_NUMBERS) >= _NUMBERS_MAX:
+            _NUMBERS.clear()
+        _NUMBERS[field] = value
+    return value
+
+
+def _parse_number(field: bytes, what: str) -> int:
     if field and field[0] & 0x80:
         # The marker bit cleared, the other bits are a two's complement number.
         bits = 8 * len(field) - 1
@@ -173,6 +188,7 @@ class FileSource:
         self.on_copy: Callable[[int], None] | None = None
         self._buf = b""
         self._buf_at = 0  # file offset of _buf[0]
+        self._size = 0  # of the file, when last looked at
 
     def _buffered(self, size: int) -> bytes:
         """Up to *size* bytes at the position from the buffer, refilled if it runs short."""
@@ -193,6 +209,15 @@ class FileSource:
         if self._charge is not None and n:
             self._charge(n)
         self._pos += n
+
+    def skip(self, count: int) -> bool:
+        """Consume *count* bytes unread; False (nothing consumed) if the file ends before."""
+        if self._pos + count > self._size:
+            self._size = os.fstat(self._fd).st_size
+            if self._pos + count > self._size:
+                return False
+        self._consume(count)
+        return True
 
     def send(self, out: int, count: int) -> int:
         """Copy up to *count* bytes at the position to the fd *out*; 0 at the file's end."""
@@ -234,6 +259,11 @@ class Reader:
         return data
 
     def _skip(self, size: int, what: str) -> None:
+        if isinstance(self._stream, FileSource) and size:
+            if not self._stream.skip(size):
+                raise TarFormatError(f"unexpected end of data in {what} at offset {self._offset}")
+            self._offset += size
+            return
         while size:
             chunk = self._stream.read(min(size, 1 << 20))
             if not chunk:
@@ -284,7 +314,7 @@ class Reader:
         if block == _ZERO_BLOCK:
             return None
         stored = _number(block[148:156], "checksum")
-        unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+        unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
         if stored != unsigned:
             # Some old tars summed signed chars.
             high = sum(1 for b in block[:148] if b & 0x80) + sum(1 for b in block[156:] if b & 0x80)

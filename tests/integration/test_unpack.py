@@ -620,6 +620,7 @@ def test_empty_layer_is_fine(box: Box) -> None:
     [
         pytest.param(f.layer_tar([f.file("a", b"x" * 100_000)])[:50_000], id="truncated-data"),
         pytest.param(f.layer_tar([f.file("a", b"x"), f.file("b")])[:700], id="truncated-header"),
+        pytest.param(f.layer_tar([f.file("a", b"x")])[:600], id="truncated-padding"),
         pytest.param(b"\x1f\x8b this is gzip, not tar" * 40, id="garbage"),
         pytest.param(b"", id="empty-stream"),
     ],
