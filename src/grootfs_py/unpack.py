@@ -538,10 +538,15 @@ class _Unpacker:
 
     def finish(self) -> None:
         """Set directory times, deepest first, now that no child will change them."""
-        for path in sorted(self.dir_times, key=len, reverse=True):
+        # Siblings together, each set through its parent's fd: only parents are
+        # opened. A directory replaced by a later entry left dir_times (_forget).
+        for path in sorted(self.dir_times, key=lambda p: (-len(p), p)):
             self.trim()
+            if not path:
+                os.utime(self.root, ns=self.dir_times[path])
+                continue
             try:
-                fd = self.dir_fd(path, create=False)
+                parent = self.dir_fd(path[:-1], create=False)
             except (_Refused, OSError):
-                continue  # replaced by a later entry
-            os.utime(fd, ns=self.dir_times[path])
+                continue
+            os.utime(path[-1], ns=self.dir_times[path], dir_fd=parent, follow_symlinks=False)
