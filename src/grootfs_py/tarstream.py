@@ -92,23 +92,25 @@ def _cstring(field: bytes) -> bytes:
     return field if end < 0 else field[:end]
 
 
-# Header fields recur (modes, owners, nearby times): parsed once each.
-_NUMBERS: dict[bytes, int] = {}
-_NUMBERS_MAX = 4096
+# Modes, owners and times recur from header to header: each distinct field
+# is parsed once (sizes and checksums rarely repeat and are not kept).
+_RECURRING: dict[bytes, int] = {}
+_RECURRING_MAX = 512
+
+
+def _recurring(field: bytes, what: str) -> int:
+    """:func:`_number`, remembered."""
+    value = _RECURRING.get(field)
+    if value is None:
+        value = _number(field, what)
+        if len(_RECURRING) >= _RECURRING_MAX:
+            _RECURRING.clear()
+        _RECURRING[field] = value
+    return value
 
 
 def _number(field: bytes, what: str) -> int:
     """A header number: octal (space or NUL padded) or GNU base-256."""
-    value = _NUMBERS.get(field)
-    if value is None:
-        value = _parse_number(field, what)
-        if len(_NUMBERS) >= _NUMBERS_MAX:
-            _NUMBERS.clear()
-        _NUMBERS[field] = value
-    return value
-
-
-def _parse_number(field: bytes, what: str) -> int:
     if field and field[0] & 0x80:
         # The marker bit cleared, the other bits are a two's complement number.
         bits = 8 * len(field) - 1
@@ -374,10 +376,10 @@ class Reader:
         if kind == b"\0" and text_name.endswith("/"):
             kind = DIRECTORY  # v7 tar wrote directories as files with a trailing slash
 
-        mtime_ns = _number(mtime, "mtime") * 1_000_000_000
+        mtime_ns = _recurring(mtime, "mtime") * 1_000_000_000
         atime_ns = None
         xattrs: dict[str, bytes] = {}
-        uid_n, gid_n = _number(uid, "uid"), _number(gid, "gid")
+        uid_n, gid_n = _recurring(uid, "uid"), _recurring(gid, "gid")
         if records:
             if "size" in records:
                 length = _decimal(records["size"], f"PAX size of {text_name}")
@@ -402,7 +404,7 @@ class Reader:
             text_name.rstrip("/") if kind == DIRECTORY else text_name,
             text_link,
             kind,
-            _number(mode, "mode"),
+            _recurring(mode, "mode"),
             uid_n,
             gid_n,
             length,
