@@ -89,14 +89,15 @@ def descendants(pid: int) -> set[int]:
     stack = [pid]
     while stack:
         parent = stack.pop()
+        # A process that is exiting answers ESRCH, one that is gone ENOENT.
         try:
             tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
         for task in tasks:
             try:
                 children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 continue
             for child in map(int, children):
                 if child not in found:
@@ -111,7 +112,7 @@ def tree_cpu(pid: int) -> float:
     for member in (pid, *descendants(pid)):
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
         # utime stime cutime cstime are fields 14-17 (1-based); [0] here is field 3.
         total += sum(int(x) for x in fields[11:15])

@@ -92,6 +92,23 @@ def _cstring(field: bytes) -> bytes:
     return field if end < 0 else field[:end]
 
 
+# Modes, owners and times recur from header to header: each distinct field
+# is parsed once (sizes and checksums rarely repeat and are not kept).
+_RECURRING: dict[bytes, int] = {}
+_RECURRING_MAX = 512
+
+
+def _recurring(field: bytes, what: str) -> int:
+    """:func:`_number`, remembered."""
+    value = _RECURRING.get(field)
+    if value is None:
+        value = _number(field, what)
+        if len(_RECURRING) >= _RECURRING_MAX:
+            _RECURRING.clear()
+        _RECURRING[field] = value
+    return value
+
+
 def _number(field: bytes, what: str) -> int:
     """A header number: octal (space or NUL padded) or GNU base-256."""
     if field and field[0] & 0x80:
@@ -173,6 +190,7 @@ class FileSource:
         self.on_copy: Callable[[int], None] | None = None
         self._buf = b""
         self._buf_at = 0  # file offset of _buf[0]
+        self._size = 0  # of the file, when last looked at
 
     def _buffered(self, size: int) -> bytes:
         """Up to *size* bytes at the position from the buffer, refilled if it runs short."""
@@ -193,6 +211,15 @@ class FileSource:
         if self._charge is not None and n:
             self._charge(n)
         self._pos += n
+
+    def skip(self, count: int) -> bool:
+        """Consume *count* bytes unread; False (nothing consumed) if the file ends before."""
+        if self._pos + count > self._size:
+            self._size = os.fstat(self._fd).st_size
+            if self._pos + count > self._size:
+                return False
+        self._consume(count)
+        return True
 
     def send(self, out: int, count: int) -> int:
         """Copy up to *count* bytes at the position to the fd *out*; 0 at the file's end."""
@@ -234,6 +261,11 @@ class Reader:
         return data
 
     def _skip(self, size: int, what: str) -> None:
+        if isinstance(self._stream, FileSource) and size:
+            if not self._stream.skip(size):
+                raise TarFormatError(f"unexpected end of data in {what} at offset {self._offset}")
+            self._offset += size
+            return
         while size:
             chunk = self._stream.read(min(size, 1 << 20))
             if not chunk:
@@ -284,7 +316,7 @@ class Reader:
         if block == _ZERO_BLOCK:
             return None
         stored = _number(block[148:156], "checksum")
-        unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+        unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
         if stored != unsigned:
             # Some old tars summed signed chars.
             high = sum(1 for b in block[:148] if b & 0x80) + sum(1 for b in block[156:] if b & 0x80)
@@ -344,10 +376,10 @@ class Reader:
         if kind == b"\0" and text_name.endswith("/"):
             kind = DIRECTORY  # v7 tar wrote directories as files with a trailing slash
 
-        mtime_ns = _number(mtime, "mtime") * 1_000_000_000
+        mtime_ns = _recurring(mtime, "mtime") * 1_000_000_000
         atime_ns = None
         xattrs: dict[str, bytes] = {}
-        uid_n, gid_n = _number(uid, "uid"), _number(gid, "gid")
+        uid_n, gid_n = _recurring(uid, "uid"), _recurring(gid, "gid")
         if records:
             if "size" in records:
                 length = _decimal(records["size"], f"PAX size of {text_name}")
@@ -372,7 +404,7 @@ class Reader:
             text_name.rstrip("/") if kind == DIRECTORY else text_name,
             text_link,
             kind,
-            _number(mode, "mode"),
+            _recurring(mode, "mode"),
             uid_n,
             gid_n,
             length,

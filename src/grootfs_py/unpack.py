@@ -409,6 +409,25 @@ class _Unpacker:
         if times:
             os.utime(fd, ns=_times(member))
 
+    def _finish_file(self, fd: int, member: Entry) -> None:
+        """Record a written file's size and give it its owner, xattrs, mode and times.
+
+        The file was created with the entry's permission bits (less the
+        umask): owner and mode are changed only where they differ, which for
+        most files of an image (root's, 0644) saves two of seven syscalls.
+        """
+        st = os.fstat(fd)
+        self.sizes[st.st_ino] = st.st_size
+        owner = self._map(member.uid, member.gid)
+        mode = member.mode & 0o7777
+        if (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)  # first: it clears setuid/setgid and security.capability
+        for name, value in self._xattrs(member, user_allowed=True):
+            self._setxattr(fd, name, value, member)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+        os.utime(fd, ns=_times(member))
+
     def _directory(self, path: Path, member: Entry) -> None:
         opaque = False
         if path:
@@ -429,14 +448,14 @@ class _Unpacker:
 
     def _file(self, tar: Reader, path: Path, member: Entry) -> None:
         parent, name = self.dir_fd(path[:-1], create=True), path[-1]
+        # The mode applies to later opens only: this fd can write even a 0444 file.
+        mode = member.mode & 0o777
         fd = self._create(
-            parent, name, path, lambda: os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+            parent, name, path, lambda: os.open(name, _FILE_FLAGS, mode, dir_fd=parent)
         )
         try:
             tar.copy_to(fd)
-            st = os.fstat(fd)
-            self.sizes[st.st_ino] = st.st_size
-            self._apply(fd, member, user_xattrs=True, times=True)
+            self._finish_file(fd, member)
         finally:
             os.close(fd)
 
@@ -519,10 +538,15 @@ class _Unpacker:
 
     def finish(self) -> None:
         """Set directory times, deepest first, now that no child will change them."""
-        for path in sorted(self.dir_times, key=len, reverse=True):
+        # Siblings together, each set through its parent's fd: only parents are
+        # opened. A directory replaced by a later entry left dir_times (_forget).
+        for path in sorted(self.dir_times, key=lambda p: (-len(p), p)):
             self.trim()
+            if not path:
+                os.utime(self.root, ns=self.dir_times[path])
+                continue
             try:
-                fd = self.dir_fd(path, create=False)
+                parent = self.dir_fd(path[:-1], create=False)
             except (_Refused, OSError):
-                continue  # replaced by a later entry
-            os.utime(fd, ns=self.dir_times[path])
+                continue
+            os.utime(path[-1], ns=self.dir_times[path], dir_fd=parent, follow_symlinks=False)

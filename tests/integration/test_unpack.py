@@ -142,6 +142,37 @@ def test_setuid_setgid_and_sticky_bits_survive_chown(box: Box, entry: f.Entry) -
     assert stat.S_IMODE((box.dest / entry.name).lstat().st_mode) == entry.mode
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000], ids=oct)
+def test_file_mode_and_owner_are_the_entry_s_whatever_the_umask_and_setgid_parent(
+    box: Box, umask: int
+) -> None:
+    # Files are created with their mode less the umask, and chown/chmod
+    # run only where the result differs: a setgid parent hands its group
+    # to a new file, a restrictive umask takes bits away.
+    layer = [
+        f.directory("g", mode=0o2775, gid=1000),
+        f.file("g/root-file", mode=0o644),
+        f.file("g/open", mode=0o777, uid=0, gid=1000),
+        f.file("g/none", b"data", mode=0o000),
+        f.file("g/big", b"x" * (100 << 10), mode=0o4755, uid=1001, gid=1002),
+        f.file("plain", mode=0o644),
+        f.file("group-write", mode=0o664, uid=1000, gid=1000),
+    ]
+    old = os.umask(umask)
+    try:
+        box.unpack(layer)
+    finally:
+        os.umask(old)
+    for entry in layer:
+        st = (box.dest / entry.name).lstat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (
+            entry.mode,
+            entry.uid,
+            entry.gid,
+        ), entry.name
+    assert (box.dest / "g/none").read_bytes() == b"data"
+
+
 def test_mtimes_are_set_on_files_symlinks_and_directories_after_their_children(box: Box) -> None:
     box.unpack(
         [
@@ -620,6 +651,7 @@ def test_empty_layer_is_fine(box: Box) -> None:
     [
         pytest.param(f.layer_tar([f.file("a", b"x" * 100_000)])[:50_000], id="truncated-data"),
         pytest.param(f.layer_tar([f.file("a", b"x"), f.file("b")])[:700], id="truncated-header"),
+        pytest.param(f.layer_tar([f.file("a", b"x")])[:600], id="truncated-padding"),
         pytest.param(b"\x1f\x8b this is gzip, not tar" * 40, id="garbage"),
         pytest.param(b"", id="empty-stream"),
     ],

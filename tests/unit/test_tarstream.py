@@ -797,3 +797,35 @@ def test_file_source_truncated_data_is_a_format_error(tmp_path) -> None:
             reader.copy_to(null.fileno())
     finally:
         os.close(fd)
+
+
+def test_file_source_skips_unread_data_without_reading_it(tmp_path) -> None:
+    archive = _archive(tarfile.PAX_FORMAT, [(_info("a"), RANDOM_100K), (_info("b"), b"x")])
+    charged: list[int] = []
+    source, fd = _file_source(tmp_path, archive, charged.append)
+    try:
+        reader = Reader(source)
+        names = []
+        while (entry := reader.next()) is not None:
+            names.append(entry.name)
+        assert names == ["a", "b"]
+        stream = io.BytesIO(archive)
+        assert _skip_all(archive) == names
+        streamed = Reader(stream)
+        while streamed.next() is not None:
+            pass
+        assert sum(charged) == stream.tell()  # every byte a stream would have read
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("length", [512 + 300, 512 + 600 + 10])
+def test_file_source_truncated_data_is_an_unexpected_end_when_skipped(tmp_path, length) -> None:
+    source, fd = _file_source(tmp_path, TWO_FILES[:length])
+    try:
+        reader = Reader(source)
+        with pytest.raises(TarFormatError, match="unexpected end of data in an entry's data"):
+            while reader.next() is not None:
+                pass
+    finally:
+        os.close(fd)
