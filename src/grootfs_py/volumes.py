@@ -326,6 +326,37 @@ def _positioned(layer: Layer, raw: BinaryIO, budget: Budget | None) -> FileSourc
     return FileSource(fd, budget.spend if budget is not None else None) if regular else None
 
 
+def _unpack_into(
+    store: Store,
+    source: BinaryIO | FileSource,
+    tmp: str,
+    idmap: IdMap,
+    layer: Layer,
+    parent: str,
+) -> int:
+    """Unpack the tar *source* into *tmp*, in a user namespace for a rootless store; its size.
+
+    A positioned :class:`FileSource` is never given for a rootless store: the
+    namespace's helper reads the tar from a pipe.
+    """
+    if store.rootless:
+        from grootfs_py import userns
+
+        return userns.unpack(
+            store,
+            cast(BinaryIO, source),
+            tmp,
+            layer=layer.label,
+            base_directory=layer.base_directory,
+            parent=parent,
+        )
+    from grootfs_py.unpack import unpack_layer
+
+    return unpack_layer(
+        source, tmp, idmap, layer=layer.label, base_directory=layer.base_directory, parent=parent
+    ).size_bytes
+
+
 def _unpack_verified(
     store: Store,
     layer: Layer,
@@ -341,31 +372,10 @@ def _unpack_verified(
 
     Returns the layer's size in bytes.
     """
-    from grootfs_py.unpack import unpack_layer
-
     try:
         try:
             stream = uncompressed if budget is None else _Budgeted(uncompressed, budget)
-            if store.rootless:
-                from grootfs_py import userns
-
-                size = userns.unpack(
-                    store,
-                    cast(BinaryIO, stream),
-                    tmp,
-                    layer=layer.label,
-                    base_directory=layer.base_directory,
-                    parent=parent,
-                )
-            else:
-                size = unpack_layer(
-                    cast(BinaryIO, stream),
-                    tmp,
-                    idmap,
-                    layer=layer.label,
-                    base_directory=layer.base_directory,
-                    parent=parent,
-                ).size_bytes
+            size = _unpack_into(store, cast(BinaryIO, stream), tmp, idmap, layer, parent)
             while uncompressed.read(1 << 20):
                 pass
         finally:
@@ -399,7 +409,6 @@ def _unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None = No
 
 def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) -> None:
     from grootfs_py import linux
-    from grootfs_py.unpack import unpack_layer
 
     final = store.volume_dir(layer.chain_id)
     tmp = f"{final}{INCOMPLETE}{os.getpid()}-{os.urandom(4).hex()}"
@@ -418,14 +427,7 @@ def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget |
                 # Nothing to verify: the digest readers stay unread.
                 with _Flusher(tmp) as flusher:
                     positioned.on_copy = flusher.wrote
-                    size = unpack_layer(
-                        positioned,
-                        tmp,
-                        idmap,
-                        layer=layer.label,
-                        base_directory=layer.base_directory,
-                        parent=parent,
-                    ).size_bytes
+                    size = _unpack_into(store, positioned, tmp, idmap, layer, parent)
             else:
                 size = _unpack_verified(
                     store, layer, tmp, idmap, budget, compressed, decompressor, uncompressed, parent
