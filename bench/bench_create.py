@@ -34,11 +34,12 @@ BIN = Path(sys.executable).parent
 @dataclass(frozen=True)
 class Sample:
     seconds: float
+    cpu_seconds: float  # user + system of the process and its threads
     max_rss_kib: int
 
 
 def timed(argv: Sequence[str]) -> Sample:
-    """Run *argv* to completion; wall time and the child's peak RSS."""
+    """Run *argv* to completion; wall time, the child's CPU time and its peak RSS."""
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
@@ -48,7 +49,7 @@ def timed(argv: Sequence[str]) -> Sample:
         if proc.returncode != 0:
             out.seek(0)
             sys.exit(f"bench: {' '.join(argv)} exited {proc.returncode}:\n{out.read().decode()}")
-    return Sample(seconds, usage.ru_maxrss)
+    return Sample(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
 def run(argv: Sequence[str]) -> str:
@@ -82,6 +83,13 @@ def loop_xfs(path: Path) -> Iterator[Path]:
 
 def median(samples: list[Sample]) -> float:
     return statistics.median(s.seconds for s in samples)
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    """Print (name, value) rows with the values lined up."""
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
 
 
 def setup(description: str, default_repetitions: int) -> int:
@@ -158,9 +166,7 @@ def main() -> int:
     ]
     print(f"grootfs create of {IMAGE}")
     print(f"medians of {reps} runs; {os.cpu_count()} CPUs; {sys.executable}\n")
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_rows(rows)
     return 0
 
 

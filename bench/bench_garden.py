@@ -30,13 +30,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from bench_create import REPO, STORE_SIZE, loop_xfs, run
+from bench_create import REPO, STORE_SIZE, Sample, loop_xfs, median, print_rows, run, timed
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -85,27 +83,6 @@ def make_droplet(path: Path, target_mb: int, seed: int = 11) -> None:
                     tar.addfile(info)
                 add(f"{pkg}/file-{i}.js", text)
         add("staging_info.yml", b'{"start_command":"node app.js"}\n')
-
-
-@dataclass(frozen=True)
-class Sample:
-    seconds: float
-    cpu_seconds: float  # user + system of the process and its threads
-    max_rss_kib: int
-
-
-def timed(argv: list[str]) -> Sample:
-    """Run *argv*; wall time, CPU time and peak RSS. On a loaded machine the CPU
-    time says more than the wall time about the work each tool does."""
-    with tempfile.TemporaryFile() as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            out.seek(0)
-            sys.exit(f"bench: {' '.join(argv)} failed:\n{out.read().decode()}")
-    return Sample(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
 @contextmanager
@@ -227,9 +204,6 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(samples: list[Sample]) -> float:
-        return statistics.median(s.seconds for s in samples)
-
     def cpu(samples: list[Sample]) -> float:
         return statistics.median(s.cpu_seconds for s in samples)
 
@@ -239,7 +213,7 @@ def main() -> int:
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     rows = []
     for label, table in (("cold create (droplet new)", cold), ("warm create (all cached)", warm)):
-        py, go = med(table["grootfs-py"]), med(table["GrootFS"])
+        py, go = median(table["grootfs-py"]), median(table["GrootFS"])
         rows.append((f"{label}: grootfs-py", f"{py * 1000:9.1f} ms"))
         rows.append((f"{label}: GrootFS 0.30.1", f"{go * 1000:9.1f} ms"))
         rows.append((f"{label}: grootfs-py / GrootFS", f"{py / go:9.2f} x"))
@@ -252,9 +226,7 @@ def main() -> int:
         )
     rss = statistics.median(s.max_rss_kib / 1024 for s in cold["grootfs-py"])
     rows.append(("cold create peak RSS, grootfs-py", f"{rss:9.1f} MiB"))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_rows(rows)
     return 0
 
 

@@ -44,6 +44,7 @@ from bench_create import (
     Sample,
     loop_xfs,
     median,
+    print_rows,
     run,
     setup,
     timed,
@@ -239,9 +240,7 @@ def main() -> int:
 
     print(f"grootfs create docker:// from a local registry; medians of {reps} runs; "
           f"{os.cpu_count()} CPUs\n")  # fmt: skip
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_rows(rows)
     return 0
 
 
