@@ -414,19 +414,24 @@ def _as_nobody(*setpriv_flags: str) -> list[str]:
     ]
 
 
-def test_another_uid_is_refused_by_the_server_and_falls_back(server, dir_store, shared_dir):
-    # With CAP_DAC_OVERRIDE the other uid gets through the 0700 directory, so
-    # what refuses it is the server's SO_PEERCRED check.
-    log = shared_dir / "by-whom.log"
-    cap = ["--inh-caps=+dac_override", "--ambient-caps=+dac_override"]
-    result = subprocess.run(
-        [*_as_nobody(*cap), str(fs.SHIM), "--store", dir_store, "--log-file", str(log), "list"],
+def _list_as_nobody(server, store, log, caps) -> subprocess.CompletedProcess[str]:
+    """`list` through the shim as another uid, the fallback pointed at the real Python command."""
+    return subprocess.run(
+        [*_as_nobody(*caps), str(fs.SHIM), "--store", store, "--log-file", str(log), "list"],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         env=server.shim_env(fs.PYTHON_CLI),
         check=False,
     )
+
+
+def test_another_uid_is_refused_by_the_server_and_falls_back(server, dir_store, shared_dir):
+    # With CAP_DAC_OVERRIDE the other uid gets through the 0700 directory, so
+    # what refuses it is the server's SO_PEERCRED check.
+    log = shared_dir / "by-whom.log"
+    cap = ["--inh-caps=+dac_override", "--ambient-caps=+dac_override"]
+    result = _list_as_nobody(server, dir_store, log, cap)
     assert (result.returncode, result.stdout) == (0, "Store empty\n"), result.stderr
     # The Python command ran, as that uid: the log file it made is its own.
     assert log.stat().st_uid == NOBODY
@@ -454,14 +459,7 @@ def test_another_uid_cannot_reach_the_socket_and_falls_back(server, dir_store, s
     # which lives under root's home here; the socket (0600) still stops it.
     cap = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
     refusals = server.log().count(".serve.refused-a-caller")
-    result = subprocess.run(
-        [*_as_nobody(*cap), str(fs.SHIM), "--store", dir_store, "--log-file", str(log), "list"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=server.shim_env(fs.PYTHON_CLI),
-        check=False,
-    )
+    result = _list_as_nobody(server, dir_store, log, cap)
     assert (result.returncode, result.stdout) == (0, "Store empty\n"), result.stderr
     assert log.stat().st_uid == NOBODY
     assert server.log().count(".serve.refused-a-caller") == refusals  # it never got that far
