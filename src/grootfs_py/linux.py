@@ -51,3 +51,19 @@ def umount(target: str, flags: int = UMOUNT_NOFOLLOW) -> None:
 def syncfs(fd: int) -> None:
     """Flush the filesystem holding *fd*, and only that one."""
     _check(_libc().syncfs(fd), "syncfs", str(fd))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(signo: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): get *signo* when the parent dies (0: nothing)."""
+    _check(_libc().prctl(PR_SET_PDEATHSIG, signo, 0, 0, 0), "prctl", "PR_SET_PDEATHSIG")
+
+
+PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """prctl(PR_SET_NAME): what ps(1) and /proc/<pid>/comm show (15 bytes at most)."""
+    _check(_libc().prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0), "prctl", "PR_SET_NAME")
