@@ -125,11 +125,13 @@ _LEAN = (
     "grootfs_py.fsutil",
     "grootfs_py.idmap",
     "grootfs_py.images",
+    "grootfs_py.jsonload",
     "grootfs_py.linux",
     "grootfs_py.locks",
     "grootfs_py.mounts",
     "grootfs_py.overlay",
     "grootfs_py.store",
+    "grootfs_py.usage",  # metrics after a delete (and a create)
     "grootfs_py.volumes",
     "argparse",
     "ctypes",

@@ -607,3 +607,47 @@ def test_a_dead_forker_costs_speed_only_and_is_replaced(own_server, dir_store):
     fs.wait_until(lambda: own_server.log().count('.serve.forker-ready"') == 4, what="new forkers")
     assert len(fs.children_of(own_server.pid)) == 2
     assert run_shim(own_server, "list", store=dir_store).returncode == 0
+
+
+# What a BOSH cell's config turns on: a log file, metrics, info-level lines.
+_PRELOAD_CHECK = """
+import contextlib, io, json, sys
+from grootfs_py import cli, server
+lean = sys.argv[1] == "lean"
+server.preload(server._LEAN if lean else server._FULL, tls=not lean)
+before = set(sys.modules)
+with contextlib.redirect_stdout(io.StringIO()):
+    code = cli.main(sys.argv[2:])
+print(json.dumps([code, sorted(set(sys.modules) - before)]))
+"""
+
+
+def test_the_forkers_preload_every_module_their_hot_commands_import(dir_store, tmp_path):
+    tar = f.write_tarball(str(tmp_path / "stack.tar"), [f.directory("etc"), f.file("etc/x", b"x")])
+    config = tmp_path / "cell.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "store": dir_store,
+                "log_level": "info",
+                "log_file": str(tmp_path / "grootfs.log"),
+                "metron_endpoint": f"127.0.0.1:{_free_port()}",
+            }
+        )
+    )
+    for forker, args, code in [
+        ("full", ["create", tar, "i"], 0),
+        ("lean", ["stats", "i"], 0),
+        ("lean", ["stats", "nope"], 1),
+        ("lean", ["delete", "i"], 0),
+        ("lean", ["list"], 0),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-c", _PRELOAD_CHECK, forker, "--config", str(config), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        # Anything imported here is imported again by every child.
+        assert json.loads(result.stdout) == [code, []], (args, result.stderr)
