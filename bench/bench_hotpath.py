@@ -62,6 +62,7 @@ import registry as reg
 TARBALL = REPO / ".cache" / "debian-bookworm.tgz"
 SHIM = REPO / "build" / "grootfs-shim"
 TICK = os.sysconf("SC_CLK_TCK")
+STANDBY = "grootfs-standby"  # a forker's child waiting for its request (server.STANDBY_NAME)
 GARDEN_PERIOD = 12.0  # s between two stats of one container (5 a minute)
 
 
@@ -106,6 +107,13 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found.update(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
+    return found
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds of *pid*, its descendants, and the children they have reaped."""
     total = 0
@@ -119,15 +127,27 @@ def tree_cpu(pid: int) -> float:
     return total / TICK
 
 
-def settle(pid: int, resident: set[int]) -> None:
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def settle(pid: int, forkers: set[int]) -> None:
     """Wait until every command below *pid* has been reaped, its CPU time with it.
 
     The shim returns on its command's exit record, which the command sends
     just before it exits; its time reaches its parent's only once reaped.
-    *resident*: the processes that stay (the server's forkers).
+    The forker then forks the next standby, which prefaults and waits under
+    its own name: that is this call's cost too, so it is waited for.
+    *forkers*: the processes that stay (the server's forkers).
     """
     deadline = time.monotonic() + 5
-    while not descendants(pid) <= resident and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        busy = [p for p in descendants(pid) - forkers if comm(p) != STANDBY]
+        if not busy:
+            return
         time.sleep(0.0005)
 
 
@@ -141,7 +161,7 @@ def call(
 ) -> tuple[float, float, int]:
     """Run one plugin call; wall seconds, CPU seconds, its peak RSS in KiB (0: not measured)."""
     wrap = rss and not impl.server_pid and os.access(TIME, os.X_OK)
-    resident = descendants(impl.server_pid) if impl.server_pid else set()
+    forkers = children(impl.server_pid) if impl.server_pid else set()
     before = tree_cpu(impl.server_pid) if impl.server_pid else 0.0
     with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as peak:
         # wait4 would report time's own peak, which still counts this script's pages.
@@ -163,7 +183,7 @@ def call(
         peak_kib = int(peak.read().split()[-1]) if wrap else 0
     cpu = usage.ru_utime + usage.ru_stime
     if impl.server_pid:
-        settle(impl.server_pid, resident)
+        settle(impl.server_pid, forkers)
         cpu += tree_cpu(impl.server_pid) - before
     return wall, cpu, peak_kib
 

@@ -79,7 +79,14 @@ class Server:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def children(self) -> list[int]:
-        """The commands running: the children of the server's forkers."""
+        """The commands running: the children of the server's forkers but their standbys."""
+        return [pid for pid in self._forkers_children() if comm(pid) not in STANDBY_NAMES]
+
+    def standbys(self) -> list[int]:
+        """The forkers' standby children (forked, waiting for a request)."""
+        return [pid for pid in self._forkers_children() if comm(pid) in STANDBY_NAMES]
+
+    def _forkers_children(self) -> list[int]:
         return [pid for forker in children_of(self.pid) for pid in children_of(forker)]
 
     def shim_env(self, cli: str | os.PathLike[str] = NO_CLI, **extra: str) -> dict[str, str]:
@@ -91,6 +98,16 @@ class Server:
             "GROOTFS_SHIM_ACK_TIMEOUT_MS": "30000",
             **extra,
         }
+
+
+STANDBY_NAMES = ("grootfs-warming", "grootfs-standby")  # server.WARMING_NAME, STANDBY_NAME
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+    except OSError:
+        return ""
 
 
 def children_of(pid: int) -> list[int]:

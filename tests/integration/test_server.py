@@ -8,6 +8,7 @@ would fail saying it cannot run it.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -607,6 +608,75 @@ def test_a_dead_forker_costs_speed_only_and_is_replaced(own_server, dir_store):
     fs.wait_until(lambda: own_server.log().count('.serve.forker-ready"') == 4, what="new forkers")
     assert len(fs.children_of(own_server.pid)) == 2
     assert run_shim(own_server, "list", store=dir_store).returncode == 0
+
+
+# -- standbys -----------------------------------------------------------------------
+
+
+def _ready_standbys(server: fs.Server, count: int) -> dict[int, int]:
+    """Standby pid -> its forker, once *count* of them have prefaulted and wait."""
+    fs.wait_until(
+        lambda: [fs.comm(p) for p in server.standbys()].count("grootfs-standby") == count,
+        what=f"{count} standbys ready",
+    )
+    waiting = set(server.standbys())
+    return {
+        pid: forker
+        for forker in fs.children_of(server.pid)
+        for pid in fs.children_of(forker)
+        if pid in waiting
+    }
+
+
+def _private_dirty_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Private_Dirty for {pid}")
+
+
+def test_a_standby_per_hot_command_takes_its_request_and_is_replaced(own_server, dir_store, proxy):
+    # create in the create forker; stats and delete in the lean one.
+    standbys = _ready_standbys(own_server, 3)
+    assert sorted(collections.Counter(standbys.values()).values()) == [1, 2]
+    shim = stalled_create(own_server, proxy, dir_store, seconds=2)
+    [child] = own_server.children()
+    assert child in standbys  # forked before the request came
+    assert fs.comm(child) == fs.comm(standbys[child])  # named back as its forker is
+    replaced = _ready_standbys(own_server, 3)
+    assert child not in replaced and len(set(replaced) - set(standbys)) == 1
+    out, _ = shim.communicate(timeout=60)
+    assert shim.returncode == 0, out
+    fs.wait_until(lambda: not fs.alive(child), what="the command to exit")
+
+
+def test_standbys_die_with_their_forker_and_running_commands_do_not(own_server, dir_store, proxy):
+    shim = stalled_create(own_server, proxy, dir_store, seconds=2)
+    [child] = own_server.children()
+    standbys = _ready_standbys(own_server, 3)
+    assert child not in standbys
+    for forker in fs.children_of(own_server.pid):
+        os.kill(forker, signal.SIGKILL)
+    fs.wait_until(lambda: not any(map(fs.alive, standbys)), what="the standbys to die")
+    out, _ = shim.communicate(timeout=60)
+    assert shim.returncode == 0, out  # the command ran on and reported itself
+    assert json.loads(out)["root"]["path"].endswith("/c/rootfs")
+
+
+def test_a_standby_takes_copies_of_the_pages_its_command_wrote_before(
+    own_server, dir_store, tmp_path
+):
+    tar = f.write_tarball(str(tmp_path / "stack.tar"), [f.directory("etc"), f.file("etc/x", b"x")])
+    standbys = _ready_standbys(own_server, 3)
+    create_forker = next(f for f in set(standbys.values()) if list(standbys.values()).count(f) == 1)
+    [first] = [p for p, f in standbys.items() if f == create_forker]
+    before = _private_dirty_kib(first)
+    for i in range(2):  # the 1st and 2nd create report what they wrote
+        created = run_shim(own_server, "create", tar, f"l{i}", store=dir_store)
+        assert created.returncode == 0, created.stdout
+    [learned] = [p for p, f in _ready_standbys(own_server, 3).items() if f == create_forker]
+    # A create writes several hundred pages it shares with the forker.
+    assert _private_dirty_kib(learned) - before > 1024, (before, _private_dirty_kib(learned))
 
 
 # What a BOSH cell's config turns on: a log file, metrics, info-level lines.
