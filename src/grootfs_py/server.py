@@ -171,8 +171,10 @@ _FULL = (
     "grootfs_py.sources.transport",
     "concurrent.futures",
     "concurrent.futures.thread",
+    "encodings.idna",  # getaddrinfo of a registry's host name encodes it so
     "gzip",
     "http.client",
+    "isal.igzip_threaded",  # gzip layers (compression)
     "ssl",
     "subprocess",
     "tempfile",
@@ -180,6 +182,7 @@ _FULL = (
     "traceback",
     "yaml",
     "zlib",
+    "zstandard",
 )
 
 
@@ -922,7 +925,10 @@ class Server:
                 log.info("refused a caller of another uid", peer_pid=pid, peer_uid=uid)
                 sock.close()
                 continue
-            self.conns[sock.fileno()] = _Conn(sock)
+            conn = self.conns[sock.fileno()] = _Conn(sock)
+            # A shim sends its request right after connecting: it is usually
+            # here already, and reading it now saves a turn of the loop.
+            self._readable(conn, select.POLLIN)
 
     def _readable(self, conn: _Conn, events: int) -> None:
         if conn.pid or conn.forker:

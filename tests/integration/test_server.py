@@ -692,7 +692,9 @@ print(json.dumps([code, sorted(set(sys.modules) - before)]))
 """
 
 
-def test_the_forkers_preload_every_module_their_hot_commands_import(dir_store, tmp_path):
+def test_the_forkers_preload_every_module_their_hot_commands_import(
+    dir_store, tmp_path, open_registry
+):
     tar = f.write_tarball(str(tmp_path / "stack.tar"), [f.directory("etc"), f.file("etc/x", b"x")])
     config = tmp_path / "cell.yml"
     config.write_text(
@@ -705,8 +707,14 @@ def test_the_forkers_preload_every_module_their_hot_commands_import(dir_store, t
             }
         )
     )
+    registry = open_registry.host
+    docker = ["create", "--insecure-registry", registry, f"docker://{registry}/multi:v1"]
     for forker, args, code in [
         ("full", ["create", tar, "i"], 0),
+        ("full", [*docker, "cold"], 0),  # pulls its layers
+        ("full", [*docker, "warm"], 0),  # asks for its manifest only
+        ("lean", ["delete", "cold"], 0),
+        ("lean", ["delete", "warm"], 0),
         ("lean", ["stats", "i"], 0),
         ("lean", ["stats", "nope"], 1),
         ("lean", ["delete", "i"], 0),
