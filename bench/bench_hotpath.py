@@ -134,21 +134,27 @@ def comm(pid: int) -> str:
         return ""
 
 
-def settle(pid: int, forkers: set[int]) -> None:
+def settle(pid: int, forkers: set[int], standbys: int) -> None:
     """Wait until every command below *pid* has been reaped, its CPU time with it.
 
     The shim returns on its command's exit record, which the command sends
     just before it exits; its time reaches its parent's only once reaped.
-    The forker then forks the next standby, which prefaults and waits under
-    its own name: that is this call's cost too, so it is waited for.
+    The forker then forks the standby that replaces the one the command
+    took, which prefaults and then waits under its own name: that is this
+    call's cost too, so it is waited for, until *standbys* wait again.
     *forkers*: the processes that stay (the server's forkers).
     """
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        busy = [p for p in descendants(pid) - forkers if comm(p) != STANDBY]
-        if not busy:
+        below = descendants(pid) - forkers
+        names = [comm(p) for p in below]
+        if names.count(STANDBY) == len(names) >= standbys:
             return
         time.sleep(0.0005)
+
+
+def ready_standbys(pid: int) -> int:
+    return [comm(p) for p in descendants(pid)].count(STANDBY)
 
 
 # A child's peak RSS counts what it shared with its parent between fork and
@@ -162,6 +168,7 @@ def call(
     """Run one plugin call; wall seconds, CPU seconds, its peak RSS in KiB (0: not measured)."""
     wrap = rss and not impl.server_pid and os.access(TIME, os.X_OK)
     forkers = children(impl.server_pid) if impl.server_pid else set()
+    standbys = ready_standbys(impl.server_pid) if impl.server_pid else 0
     before = tree_cpu(impl.server_pid) if impl.server_pid else 0.0
     with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as peak:
         # wait4 would report time's own peak, which still counts this script's pages.
@@ -183,7 +190,7 @@ def call(
         peak_kib = int(peak.read().split()[-1]) if wrap else 0
     cpu = usage.ru_utime + usage.ru_stime
     if impl.server_pid:
-        settle(impl.server_pid, forkers)
+        settle(impl.server_pid, forkers, standbys)
         cpu += tree_cpu(impl.server_pid) - before
     return wall, cpu, peak_kib
 

@@ -479,15 +479,19 @@ class _ForkerLoop:
 
     A standby is forked from this pristine process before its request comes,
     takes its copy-on-write copies of the pages its command wrote in earlier
-    runs (prefault), and waits; a request handed to it runs at once, and the
-    next standby is forked behind it. It is still one fresh process per
+    runs (prefault), and waits; a request handed to it runs at once. The
+    next standby of its kind is forked when that command has exited: forked
+    beside it, its fork and copies slowed the command down (on 2 CPUs, median
+    delete 7.1 -> 5.1 ms, create 5.6 -> 4.9 ms when deferred). A request
+    that comes meanwhile is forked on the spot. It is still one fresh process per
     request, forked from a process no request has touched. One per command
     (create; stats; delete), because each writes its own pages, and a copy
     taken for nothing costs as much CPU as a fault. A standby dies with its
     forker (PR_SET_PDEATHSIG) until it takes a request; from then on it is a
     command like any other and outlives it. Other commands, and a kind
-    whose standby is not there (at start, or one that died), get their
-    child forked on the spot.
+    whose standby is not there (at start, one that died, or one still to
+    come), get their child forked on the spot; a kind with no standby and
+    none to come gets one forked behind that child at once.
     """
 
     def __init__(self, ctl: socket.socket, wake_r: int, kinds: Sequence[str]) -> None:
@@ -498,6 +502,7 @@ class _ForkerLoop:
         self.learned: dict[str, list[Run]] = {}  # by command: what its standby prefaults
         self.reports: dict[int, tuple[str, socket.socket]] = {}  # learning commands', by fd
         self.standbys: dict[str, tuple[int, socket.socket]] = {}  # by command: pid, socket
+        self.replacing: dict[int, str] = {}  # a command's pid -> the standby its exit brings
         self.poller = select.poll()
         self.name = _own_name()
 
@@ -532,6 +537,9 @@ class _ForkerLoop:
                 self.live.discard(pid)
                 with contextlib.suppress(OSError):
                     self.ctl.send(CONTROL.pack(b"DONE", pid, status))
+            command = self.replacing.pop(pid, None)
+            if command is not None and command not in self.standbys:
+                self._spawn_standby(command)
 
     def _message(self) -> bool:
         """Act on one message from the server; False when it has closed the pair."""
@@ -558,10 +566,13 @@ class _ForkerLoop:
         (raw,) = COMMAND.unpack_from(data, CONTROL.size)
         command = raw.rstrip(b"\0").decode("ascii", "replace")
         conn = fds[0]
+        pid, from_standby = 0, False
         try:
             if _peer_gone(conn):  # its shim fell back while we were busy
                 raise OSError(errno.ECONNRESET, "caller gone")
-            pid = self._start(command, fds, data[CONTROL.size + COMMAND.size :], learn=b == 1)
+            pid, from_standby = self._start(
+                command, fds, data[CONTROL.size + COMMAND.size :], learn=b == 1
+            )
         except OSError as exc:
             log.info("forker: request not started", error=str(exc))
             with contextlib.suppress(OSError):
@@ -574,12 +585,16 @@ class _ForkerLoop:
         finally:
             for fd in fds:
                 os.close(fd)
-        if command in self.kinds and command not in self.standbys:
-            self._spawn_standby(command)
+        if command in self.kinds:
+            if from_standby:
+                self.replacing[pid] = command
+            elif command not in self.standbys and command not in self.replacing.values():
+                self._spawn_standby(command)
         return True
 
-    def _start(self, command: str, fds: list[int], request: bytes, learn: bool) -> int:
-        """Hand the request to its standby, or fork its child now; the command's pid."""
+    def _start(self, command: str, fds: list[int], request: bytes, learn: bool) -> tuple[int, bool]:
+        """Hand the request to its standby, or fork its child now: the command's pid,
+        and whether it was the standby."""
         standby = self.standbys.pop(command, None)
         if standby is not None:
             pid, sock = standby
@@ -598,8 +613,8 @@ class _ForkerLoop:
                     self.poller.register(sock.fileno(), select.POLLIN)
                 else:
                     sock.close()
-                return pid
-        return _fork_command(fds[0], fds[1:], request, self._sockets())
+                return pid, True
+        return _fork_command(fds[0], fds[1:], request, self._sockets()), False
 
     def _learn(self, command: str, sock: socket.socket) -> None:
         self.poller.unregister(sock.fileno())
