@@ -283,7 +283,11 @@ def _prepare_directory(directory: str) -> None:
 
 
 def _become_command(
-    conn: int, fds: Sequence[int], data: bytes, learning: _Learning | None = None
+    conn: int,
+    fds: Sequence[int],
+    data: bytes,
+    learning: _Learning | None = None,
+    standby: bool = False,
 ) -> None:
     """In a freshly forked child: take the caller's place, run the command, exit.
 
@@ -297,7 +301,9 @@ def _become_command(
     try:
         request = parse_request(data)
         assert request is not None
-        code = _take_callers_place(conn, fds, request, keep_report=learning is not None)
+        code = _take_callers_place(
+            conn, fds, request, keep_report=learning is not None, left=standby
+        )
         if code == 0:
             code = _run_command(request.argv)
         if learning is not None:
@@ -328,16 +334,27 @@ class _Learning:
         return prefault.written(self.mappings)
 
 
-def _take_callers_place(
-    conn: int, fds: Sequence[int], request: _Request, keep_report: bool = False
-) -> int:
-    stdin, stdout, stderr, cwd = fds
+def _leave_the_forker() -> None:
+    """Undo what a forker set up for itself, as every command's process must.
+
+    A standby does it before its request comes, a child forked on the spot
+    after. SIGINT stays ignored until the request: a standby must not die of
+    a ^C meant for its server.
+    """
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     log.close()
     log.configure("info")
+
+
+def _take_callers_place(
+    conn: int, fds: Sequence[int], request: _Request, keep_report: bool, left: bool
+) -> int:
+    stdin, stdout, stderr, cwd = fds
+    if not left:
+        _leave_the_forker()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cwd_error = None
     try:
         os.fchdir(cwd)
@@ -668,8 +685,7 @@ def _standby(
         linux.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != forker:
             return  # it died before the line above could take effect
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _leave_the_forker()
         for other in detach:
             other.detach()
         fd = sock.detach()
@@ -691,10 +707,8 @@ def _standby(
         sock.detach()
         if not data or len(fds) != FDS + 1:
             return  # the forker is done (end of file)
-        if data[:1] == b"L":
-            _become_command(fds[0], fds[1:], data[1:], _Learning())
-        else:
-            _become_command(fds[0], fds[1:], data[1:])
+        learning = _Learning() if data[:1] == b"L" else None
+        _become_command(fds[0], fds[1:], data[1:], learning, standby=True)
     except BaseException:
         import traceback
 
