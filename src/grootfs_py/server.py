@@ -119,7 +119,7 @@ FDS = 4  # stdin, stdout, stderr, cwd
 MAX_REQUEST = 1 << 20  # argv + environ; a cell's are a few kB
 REQUEST_TIMEOUT = 5.0  # seconds a connected shim has to send its whole request
 RESTART_INTERVAL = 2.0  # a forker that died is started again at most this often
-LEARN_UNTIL = 1 << 16  # a command's n-th request learns while n is a power of two up to this
+LEARN_UNTIL = 1 << 16  # a kind's n-th standby learns while n is a power of two up to this
 # A standby's name (/proc/<pid>/comm, what ps shows) while it prefaults, then
 # while it waits; as it takes a request it takes back the command's name.
 WARMING_NAME = "grootfs-warming"
@@ -317,14 +317,12 @@ def _become_command(
 
 
 class _Learning:
-    """The pages a learning child has written, of the mappings it had at its request.
+    """The pages a learning standby's process writes, of the mappings it inherited.
 
-    That counts what the fork and the standby wrote (every standby writes
-    those anyway, so taking them again costs nothing) and what the scan
-    itself writes (a few pages). Subtracting a first scan, taken as the
-    request comes, was tried: the standbys then took a third fewer copies,
-    but the commands faulted in the pages that scan had written, and the
-    CPU was the same.
+    Taken from its start: what the fork and the standby write is counted too
+    (every standby writes those anyway, so taking them again costs nothing),
+    as are a few pages of the scan itself. A learning standby prefaults
+    nothing, or every page once taken would be reported again, forever.
     """
 
     def __init__(self) -> None:
@@ -517,8 +515,10 @@ class _ForkerLoop:
         self.kinds = frozenset(kinds)
         self.live: set[int] = set()  # commands not reaped yet
         self.learned: dict[str, list[Run]] = {}  # by command: what its standby prefaults
+        self.last_report: dict[str, list[Run]] = {}  # by command: the latest learning's
+        self.served: dict[str, int] = {}  # by command: requests its standbys took
         self.reports: dict[int, tuple[str, socket.socket]] = {}  # learning commands', by fd
-        self.standbys: dict[str, tuple[int, socket.socket]] = {}  # by command: pid, socket
+        self.standbys: dict[str, tuple[int, socket.socket, bool]] = {}  # pid, socket, learns
         self.replacing: dict[int, str] = {}  # a command's pid -> the standby its exit brings
         self.poller = select.poll()
         self.name = _own_name()
@@ -546,7 +546,7 @@ class _ForkerLoop:
                 return
             if pid == 0:
                 return
-            for kind, (standby, sock) in list(self.standbys.items()):
+            for kind, (standby, sock, _learns) in list(self.standbys.items()):
                 if pid == standby:  # died waiting: the next request forks its own
                     sock.close()
                     del self.standbys[kind]
@@ -587,9 +587,7 @@ class _ForkerLoop:
         try:
             if _peer_gone(conn):  # its shim fell back while we were busy
                 raise OSError(errno.ECONNRESET, "caller gone")
-            pid, from_standby = self._start(
-                command, fds, data[CONTROL.size + COMMAND.size :], learn=b == 1
-            )
+            pid, from_standby = self._start(command, fds, data[CONTROL.size + COMMAND.size :])
         except OSError as exc:
             log.info("forker: request not started", error=str(exc))
             with contextlib.suppress(OSError):
@@ -609,15 +607,15 @@ class _ForkerLoop:
                 self._spawn_standby(command)
         return True
 
-    def _start(self, command: str, fds: list[int], request: bytes, learn: bool) -> tuple[int, bool]:
+    def _start(self, command: str, fds: list[int], request: bytes) -> tuple[int, bool]:
         """Hand the request to its standby, or fork its child now: the command's pid,
         and whether it was the standby."""
         standby = self.standbys.pop(command, None)
         if standby is not None:
-            pid, sock = standby
+            pid, sock, learns = standby
             try:
                 sock.sendmsg(
-                    [(b"L" if learn else b"-") + request],
+                    [request],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))],
                 )
             except OSError as exc:  # it died waiting and is not reaped yet
@@ -625,7 +623,8 @@ class _ForkerLoop:
                 sock.close()
                 _kill(pid, signal.SIGKILL)
             else:
-                if learn:
+                self.served[command] = self.served.get(command, 0) + 1
+                if learns:
                     self.reports[sock.fileno()] = (command, sock)
                     self.poller.register(sock.fileno(), select.POLLIN)
                 else:
@@ -637,19 +636,28 @@ class _ForkerLoop:
         self.poller.unregister(sock.fileno())
         with contextlib.suppress(OSError):
             runs = prefault.decode(sock.recv(MAX_RUNS * 16 + 1))
-            self.learned[command] = prefault.union(self.learned.get(command, ()), runs)
+            # The last two runs: two kinds of request (a stack tar and a
+            # docker:// create) are both covered, and what a one-off wrote
+            # (a create that unpacked a layer) is dropped two learnings on.
+            previous = self.last_report.get(command, [])
+            self.learned[command] = prefault.union(previous, runs)
+            self.last_report[command] = runs
         sock.close()
 
     def _sockets(self) -> list[socket.socket]:
         found = [self.ctl]
         found += [sock for _command, sock in self.reports.values()]
-        found += [sock for _pid, sock in self.standbys.values()]
+        found += [sock for _pid, sock, _learns in self.standbys.values()]
         return found
 
     def _spawn_standby(self, command: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         detach = [*self._sockets(), ours]
         learned = self.learned.get(command, [])
+        # The n-th standby of a kind learns while n is a power of two: every
+        # kind is learned at once, and again now and then, at a fading cost.
+        n = self.served.get(command, 0) + 1
+        learns = n & (n - 1) == 0 and n <= LEARN_UNTIL
         sys.stdout.flush()
         sys.stderr.flush()
         gc.freeze()
@@ -664,10 +672,10 @@ class _ForkerLoop:
             theirs.close()
             return
         if pid == 0:
-            _standby(theirs, learned, detach, self.name)  # never returns
+            _standby(theirs, [] if learns else learned, detach, self.name, learns)
         linux.set_process_name(self.name)
         theirs.close()
-        self.standbys[command] = (pid, ours)
+        self.standbys[command] = (pid, ours, learns)
 
 
 def _own_name() -> str:
@@ -676,15 +684,24 @@ def _own_name() -> str:
 
 
 def _standby(
-    sock: socket.socket, learned: Sequence[Run], detach: Sequence[socket.socket], name: str
+    sock: socket.socket,
+    learned: Sequence[Run],
+    detach: Sequence[socket.socket],
+    name: str,
+    learns: bool,
 ) -> None:
-    """A standby child: prefault, wait for one request, then become its command (*name*)."""
+    """A standby child: prefault, wait for one request, then become its command (*name*).
+
+    A learning standby prefaults nothing, so that what its command reports
+    is what the command wrote, not what was copied for it.
+    """
     code = 0
     try:
         forker = os.getppid()
         linux.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != forker:
             return  # it died before the line above could take effect
+        learning = _Learning() if learns else None
         _leave_the_forker()
         for other in detach:
             other.detach()
@@ -698,7 +715,7 @@ def _standby(
         linux.set_process_name(STANDBY_NAME)
         sock = socket.socket(fileno=_REPORT_FD)
         data, ancdata, _flags, _addr = sock.recvmsg(
-            1 + HEADER.size + MAX_REQUEST, socket.CMSG_SPACE((FDS + 1) * 4), socket.MSG_CMSG_CLOEXEC
+            HEADER.size + MAX_REQUEST, socket.CMSG_SPACE((FDS + 1) * 4), socket.MSG_CMSG_CLOEXEC
         )
         # A command is not killed with its forker: it reports itself.
         linux.set_parent_death_signal(0)
@@ -707,8 +724,7 @@ def _standby(
         sock.detach()
         if not data or len(fds) != FDS + 1:
             return  # the forker is done (end of file)
-        learning = _Learning() if data[:1] == b"L" else None
-        _become_command(fds[0], fds[1:], data[1:], learning, standby=True)
+        _become_command(fds[0], fds[1:], data, learning, standby=True)
     except BaseException:
         import traceback
 
@@ -733,7 +749,6 @@ class _Forker:
         self.started = 0.0
         self.ready = False  # done importing: until then the server forks itself
         self.pending: dict[int, _Conn] = {}  # token -> handed over, not started yet
-        self.seen: dict[str, int] = {}  # requests handed over, by command
         self.running: dict[int, _Conn] = {}  # pid -> its connection
 
     def start(self, detach: list[Any]) -> None:
@@ -757,7 +772,6 @@ class _Forker:
         theirs.close()
         ours.setblocking(False)
         self.pid, self.ctl, self.ready = pid, ours, False
-        self.seen = {}  # a new forker has learned nothing
         log.info("forker started", forker=self.name, pid=pid)
 
 
@@ -1011,15 +1025,10 @@ class Server:
         if forker.ctl is None or not forker.ready:
             return False
         self.tokens += 1
-        # Each command's 1st, 2nd, 4th, 8th... request reports the pages it
-        # wrote: every command is learned at once, and again now and then
-        # for what its first run did not touch, at a cost that fades.
-        count = forker.seen[command] = forker.seen.get(command, 0) + 1
-        learn = count & (count - 1) == 0 and count <= LEARN_UNTIL
         try:
             forker.ctl.sendmsg(
                 [
-                    CONTROL.pack(b"RUN ", self.tokens, int(learn)),
+                    CONTROL.pack(b"RUN ", self.tokens, 0),
                     COMMAND.pack(command.encode()),
                     conn.buffer,
                 ],
