@@ -102,7 +102,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from grootfs_py import linux, log, prefault
@@ -539,13 +539,7 @@ class _ForkerLoop:
             self._reap()
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in _reaped():
             for kind, (standby, sock, _learns) in list(self.standbys.items()):
                 if pid == standby:  # died waiting: the next request forks its own
                     sock.close()
@@ -1145,13 +1139,7 @@ class Server:
                 conn.forker.ctl.send(CONTROL.pack(b"KILL", conn.pid, signo))
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in _reaped():
             conn = self.children.pop(pid, None)
             if conn is not None:
                 self._report(conn, status)
@@ -1170,6 +1158,18 @@ class Server:
     def _drop(self, conn: _Conn) -> None:
         self.conns.pop(conn.sock.fileno(), None)
         conn.close()
+
+
+def _reaped() -> Iterator[tuple[int, int]]:
+    """Each child that has exited (pid, wait status), reaped, without waiting for more."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
