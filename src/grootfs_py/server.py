@@ -628,8 +628,12 @@ class _ForkerLoop:
 
     def _learn(self, command: str, sock: socket.socket) -> None:
         self.poller.unregister(sock.fileno())
-        with contextlib.suppress(OSError):
-            runs = prefault.decode(sock.recv(MAX_RUNS * 16 + 1))
+        try:
+            report = sock.recv(MAX_RUNS * 16 + 1)
+        except OSError:
+            report = b""
+        if report:  # none from a command that died first: the last report stands
+            runs = prefault.decode(report)
             # The last two runs: two kinds of request (a stack tar and a
             # docker:// create) are both covered, and what a one-off wrote
             # (a create that unpacked a layer) is dropped two learnings on.
