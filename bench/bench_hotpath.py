@@ -58,11 +58,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_create import BIN, LAYOUT, REPO, STORE_SIZE, TAG, run
 
 import registry as reg
+from forkserver import STANDBY, comm
 
 TARBALL = REPO / ".cache" / "debian-bookworm.tgz"
 SHIM = REPO / "build" / "grootfs-shim"
 TICK = os.sysconf("SC_CLK_TCK")
-STANDBY = "grootfs-standby"  # a forker's child waiting for its request (server.STANDBY_NAME)
 GARDEN_PERIOD = 12.0  # s between two stats of one container (5 a minute)
 
 
@@ -90,27 +90,25 @@ def descendants(pid: int) -> set[int]:
     stack = [pid]
     while stack:
         parent = stack.pop()
-        # A process that is exiting answers ESRCH, one that is gone ENOENT.
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        for task in tasks:
-            try:
-                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            for child in map(int, children):
-                if child not in found:
-                    found.add(child)
-                    stack.append(child)
+        for child in children(parent) - found:
+            found.add(child)
+            stack.append(child)
     return found
 
 
 def children(pid: int) -> set[int]:
+    """The children of *pid*'s threads (none once it is exiting or gone)."""
     found: set[int] = set()
-    for task in os.listdir(f"/proc/{pid}/task"):
-        found.update(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
+    # A process that is exiting answers ESRCH, one that is gone ENOENT.
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return found
+    for task in tasks:
+        try:
+            found.update(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return found
 
 
@@ -125,13 +123,6 @@ def tree_cpu(pid: int) -> float:
         # utime stime cutime cstime are fields 14-17 (1-based); [0] here is field 3.
         total += sum(int(x) for x in fields[11:15])
     return total / TICK
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
 
 
 def settle(pid: int, forkers: set[int], standbys: int) -> None:

@@ -100,7 +100,11 @@ class Server:
         }
 
 
-STANDBY_NAMES = ("grootfs-warming", "grootfs-standby")  # server.WARMING_NAME, STANDBY_NAME
+# What ps shows for a forker's standby child while it prefaults, then while
+# it waits (server.WARMING_NAME, STANDBY_NAME: the names operators are told).
+WARMING = "grootfs-warming"
+STANDBY = "grootfs-standby"
+STANDBY_NAMES = (WARMING, STANDBY)
 
 
 def comm(pid: int) -> str:

@@ -616,7 +616,7 @@ def test_a_dead_forker_costs_speed_only_and_is_replaced(own_server, dir_store):
 def _ready_standbys(server: fs.Server, count: int) -> dict[int, int]:
     """Standby pid -> its forker, once *count* of them have prefaulted and wait."""
     fs.wait_until(
-        lambda: [fs.comm(p) for p in server.standbys()].count("grootfs-standby") == count,
+        lambda: [fs.comm(p) for p in server.standbys()].count(fs.STANDBY) == count,
         what=f"{count} standbys ready",
     )
     waiting = set(server.standbys())
