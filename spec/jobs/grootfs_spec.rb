@@ -42,6 +42,14 @@ describe 'the grootfs job' do
       assert_equal '127.0.0.1:3458', c['metron_endpoint']
     end
 
+    it 'writes volatile_rootfs only to turn volatile mounts off, in both stores' do
+      %w[config/grootfs_config.yml.erb config/privileged_grootfs_config.yml.erb].each do |t|
+        refute config(t)['create'].key?('volatile_rootfs'), t
+        off = config(t, 'grootfs' => { 'volatile_rootfs' => false })
+        assert_equal false, off['create']['volatile_rootfs'], t
+      end
+    end
+
     it 'uses only keys the image-plugin contract defines' do
       keys = %w[store log_level log_file metron_endpoint newuidmap_bin newgidmap_bin create clean init]
       nested = {

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
-from grootfs_py import fsutil, images, log, mounts, overlay, volumes
+from grootfs_py import fsutil, images, linux, log, mounts, overlay, volumes
 from grootfs_py.errors import GrootError
 from grootfs_py.store import INCOMPLETE, Store, chain_id_of, volume_name
 
@@ -113,8 +113,7 @@ def _images(store: Store) -> list[Problem]:
             problems.append(Problem(f"image {image_id}: layer {chain_id} is missing"))
         rootfs = os.path.join(store.image_dir(image_id), "rootfs")
         if record.get("mounted") and os.path.realpath(rootfs) not in mounted:
-            remount = None if missing else partial(_remount, store, image_id, layers)
-            problems.append(Problem(f"image {image_id}: rootfs is not mounted", remount))
+            problems.append(_unmounted(store, image_id, layers, record, missing))
         project_id = int(record.get("project_id", 0) or 0)
         if project_id and owners.get(project_id) != image_id:
             fix: Callable[[], object] | None = None
@@ -125,15 +124,38 @@ def _images(store: Store) -> list[Problem]:
     return problems
 
 
+def _unmounted(
+    store: Store, image_id: str, layers: list[str], record: dict[str, Any], missing: list[str]
+) -> Problem:
+    """An image whose rootfs should be mounted and is not: remounted if that is safe."""
+    volatile_boot = record.get("volatile_boot")
+    if volatile_boot and volatile_boot != linux.boot_id():
+        # Its syncs were skipped: after a crash its upper may be torn, and a
+        # clean reboot cannot be told from a crash.
+        return Problem(
+            f"image {image_id}: rootfs is not mounted, and its volatile upper "
+            "may not have survived the reboot since: delete the image"
+        )
+    if missing:
+        return Problem(f"image {image_id}: rootfs is not mounted")
+    remount = partial(_remount, store, image_id, layers, volatile=bool(volatile_boot))
+    return Problem(f"image {image_id}: rootfs is not mounted", remount)
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "x", encoding="utf-8") as f:
         f.write(text)
 
 
-def _remount(store: Store, image_id: str, chain_ids: list[str]) -> None:
+def _remount(store: Store, image_id: str, chain_ids: list[str], *, volatile: bool) -> None:
     for chain_id in chain_ids:
         volumes.link(store, chain_id)
-    images.mount(store, image_id, chain_ids)
+    if volatile:
+        # Unmounted in this boot, so nothing was lost: the kernel leaves the
+        # marker for whoever knows that to remove.
+        work = os.path.join(store.image_dir(image_id), "workdir")
+        store.remove_tree(os.path.join(work, *overlay.VOLATILE_MARKER))
+    images.mount(store, image_id, chain_ids, volatile=volatile)
 
 
 def _mounts(store: Store) -> list[Problem]:

@@ -354,6 +354,7 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
     url, image_id = args.args
     options = images.CreateOptions(
         without_mount=config.create.without_mount,
+        volatile_rootfs=config.create.volatile_rootfs,
         disk_limit_size_bytes=config.create.disk_limit_size_bytes,
         exclude_image_from_quota=config.create.exclude_image_from_quota,
         source=SourceOptions(

@@ -31,6 +31,9 @@ class CreateConfig(NamedTuple):
     insecure_registries: tuple[str, ...] = ()
     clean_log_file: str = ""
     remote_layer_client_certificates_path: str = ""
+    # This project's key, beyond GrootFS's: mount the overlay with "volatile"
+    # (see overlay.mount); false keeps GrootFS's fully synced upper.
+    volatile_rootfs: bool = True
 
 
 class CleanConfig(NamedTuple):

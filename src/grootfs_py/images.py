@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from grootfs_py import fsutil, locks, log, metrics, overlay, sources, volumes
+from grootfs_py import fsutil, linux, locks, log, metrics, overlay, sources, volumes
 from grootfs_py.errors import InvalidArgumentError, StoreError
 from grootfs_py.idmap import IdMap
 from grootfs_py.store import Store
@@ -26,6 +26,7 @@ IMAGE_JSON = "image.json"
 
 class CreateOptions(NamedTuple):
     without_mount: bool = False
+    volatile_rootfs: bool = False
     disk_limit_size_bytes: int = 0
     exclude_image_from_quota: bool = False
     source: sources.SourceOptions = sources.SourceOptions()
@@ -164,8 +165,9 @@ def _make_image(
         for target in (image_dir, *(os.path.join(image_dir, s) for s in ("diff", "rootfs"))):
             os.chown(target, idmap.root_uid, idmap.root_gid)
 
+        volatile = False
         if not options.without_mount:
-            mount(store, image_id, chain_ids)
+            volatile = mount(store, image_id, chain_ids, volatile=options.volatile_rootfs)
             undo.callback(overlay.unmount, os.path.join(image_dir, "rootfs"))
 
         fsutil.crash_point("create-before-image-json")
@@ -180,15 +182,18 @@ def _make_image(
                 "mounted": not options.without_mount,
                 "env": list(env),
                 "layers": chain_ids,
+                # A volatile upper is whole only within the boot that mounted it.
+                **({"volatile_boot": linux.boot_id()} if volatile else {}),
             },
         )
         undo.pop_all()
         os.close(claim)
 
 
-def mount(store: Store, image_id: str, chain_ids: Sequence[str]) -> None:
+def mount(store: Store, image_id: str, chain_ids: Sequence[str], *, volatile: bool = False) -> bool:
+    """Mount the image's overlay; True if the mount is volatile (see overlay.mount)."""
     shorts = [overlay.short_name(c) for c in reversed(chain_ids)]
-    overlay.mount(store.path, os.path.join("images", image_id), shorts)
+    return overlay.mount(store.path, os.path.join("images", image_id), shorts, volatile=volatile)
 
 
 # A clean can take an image directory for debris in the instant between our

@@ -48,6 +48,15 @@ def umount(target: str, flags: int = UMOUNT_NOFOLLOW) -> None:
     _check(_libc().umount2(target.encode(), flags), "umount", target)
 
 
+def boot_id() -> str:
+    """This boot's random id (a new one after every reboot, clean or not)."""
+    fd = os.open("/proc/sys/kernel/random/boot_id", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 64).decode("ascii").strip()
+    finally:
+        os.close(fd)
+
+
 def syncfs(fd: int) -> None:
     """Flush the filesystem holding *fd*, and only that one."""
     _check(_libc().syncfs(fd), "syncfs", str(fd))

@@ -67,6 +67,43 @@ def test_oci_layout_becomes_a_mounted_overlay_of_its_layers(grootfs, xfs_store, 
     assert grootfs("list", store=xfs_store).stdout == "Store empty\n"
 
 
+def _volatile(mount):
+    # Linux 5.10 lists the option as "volatile", later kernels as "fsync=volatile".
+    return bool({"volatile", "fsync=volatile"} & mount.options)
+
+
+def test_the_rootfs_is_volatile_unless_the_config_says_otherwise(grootfs, xfs_store, tmp_path):
+    layout = f.write_oci_layout(str(tmp_path / "layout"), [[f.file("etc/hostname", b"h\n")]])
+    url = f"oci://{layout.path}:latest"
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        boot_id = fh.read().strip()
+
+    _create(grootfs, xfs_store, url, "c1")
+    rootfs = os.path.join(xfs_store, "images", "c1", "rootfs")
+    assert _volatile(mounts.find(rootfs))
+    with open(os.path.join(xfs_store, "images", "c1", "image.json")) as fh:
+        assert json.load(fh)["volatile_boot"] == boot_id
+    # What the container writes is there all the same; fsync just returns.
+    with open(os.path.join(rootfs, "etc/hostname"), "wb") as fh:
+        fh.write(b"written\n")
+        os.fsync(fh.fileno())
+    with open(os.path.join(xfs_store, "images", "c1", "diff", "etc/hostname"), "rb") as fh:
+        assert fh.read() == b"written\n"
+
+    config = {"store": xfs_store, "create": {"volatile_rootfs": False}}
+    grootfs("create", url, "c2", config=config)
+    synced = os.path.join(xfs_store, "images", "c2", "rootfs")
+    assert mounts.find(synced).fstype == "overlay" and not _volatile(mounts.find(synced))
+    with open(os.path.join(xfs_store, "images", "c2", "image.json")) as fh:
+        assert "volatile_boot" not in json.load(fh)
+
+    # The kernel's marker in the volatile workdir goes with the image.
+    for image_id in ("c1", "c2"):
+        grootfs("delete", image_id, store=xfs_store)
+    assert grootfs("list", store=xfs_store).stdout == "Store empty\n"
+    assert os.listdir(os.path.join(xfs_store, "tmp")) == []
+
+
 @pytest.mark.parametrize("gzipped", [False, True], ids=["plain-tar", "gzip-tar"])
 def test_local_tarball_creates_rootfs(grootfs, xfs_store, tmp_path, gzipped):
     tar = f.write_tarball(

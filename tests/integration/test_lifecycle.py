@@ -420,6 +420,22 @@ def _unmount(store, layouts):
     subprocess.run(["umount", os.path.join(store, "images", "c1", "rootfs")], check=True)
 
 
+def _unmount_and_reboot(store, layouts):
+    """The image was mounted volatile in a boot before this one.
+
+    A reboot cannot happen inside a test: the record's boot id is rewritten
+    to one that is not this boot's, which is all check-store can see of it.
+    """
+    _unmount(store, layouts)
+    path = os.path.join(store, "images", "c1", "image.json")
+    with open(path) as fh:
+        record = json.load(fh)
+    assert record["volatile_boot"]
+    record["volatile_boot"] = "00000000-0000-4000-8000-000000000000"
+    with open(path, "w") as fh:
+        json.dump(record, fh)
+
+
 def _stray_mount(store, layouts):
     target = os.path.join(store, "tmp", "stray")
     os.mkdir(target)
@@ -455,6 +471,13 @@ BREAKAGES = [
         id="dependency-record-without-image",
     ),
     pytest.param(_unmount, "image c1: rootfs is not mounted", True, id="image-not-mounted"),
+    pytest.param(
+        _unmount_and_reboot,
+        "image c1: rootfs is not mounted, and its volatile upper may not have survived "
+        "the reboot since: delete the image",
+        False,
+        id="volatile-image-from-an-earlier-boot",
+    ),
     pytest.param(
         _stray_mount,
         "tmp/stray: unfinished removal",

@@ -93,6 +93,7 @@ RULES: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
     "grootfs.log_level": (_log_level, "info"),
     "grootfs.insecure_docker_registry_list": (_registries, []),
     "grootfs.skip_mount": (_bool, False),
+    "grootfs.volatile_rootfs": (_bool, True),
     "grootfs.reserved_space_for_other_jobs_in_mb": (_int_at_least(-1), 15360),
     "grootfs.routine_gc": (_bool, False),
     "grootfs.graph_cleanup_threshold_in_mb": (_int_at_least(-1), -1),
