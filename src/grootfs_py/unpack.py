@@ -144,8 +144,11 @@ def _reason(e: BaseException) -> str:
 
 def _clean(name: str) -> Path:
     """The components of *name* rooted at the layer, ``..`` resolved lexically."""
+    split = name.split("/")
+    if "" not in split and "." not in split and ".." not in split:
+        return tuple(split)  # most names: nothing to resolve
     parts: list[str] = []
-    for part in name.split("/"):
+    for part in split:
         if part in ("", "."):
             continue
         if part == "..":
@@ -175,6 +178,7 @@ class _Unpacker:
     def __init__(self, root: int, idmap: IdMap, layer: str, *, rootless: bool = False) -> None:
         self.root = root
         self.idmap = idmap
+        self.identity = idmap.identity
         self.layer = layer
         self.rootless = rootless
         self.opaque_xattr = USER_OPAQUE_XATTR if rootless else OPAQUE_XATTR
@@ -233,6 +237,8 @@ class _Unpacker:
 
     def trim(self, keep: int = _FD_CACHE_SIZE) -> None:
         """Close retired and surplus fds; only between entries, when none is borrowed."""
+        if not self.retired and len(self.dirs) <= keep:
+            return
         for fd in self.retired:
             os.close(fd)
         self.retired.clear()
@@ -245,6 +251,8 @@ class _Unpacker:
         return self._root_ids
 
     def _map(self, uid: int, gid: int) -> tuple[int, int]:
+        if self.identity:
+            return uid, gid
         try:
             return self.idmap.host_uid(uid), self.idmap.host_gid(gid)
         except InvalidArgumentError as e:
@@ -371,6 +379,8 @@ class _Unpacker:
             log.debug("skip entry of unknown type", layer=self.layer, entry=member.name)
 
     def _xattrs(self, member: Entry, *, user_allowed: bool) -> list[tuple[str, bytes]]:
+        if not member.xattrs:
+            return []
         found = []
         for name, value in member.xattrs.items():
             if name.startswith(_RESERVED_XATTR_PREFIXES):
