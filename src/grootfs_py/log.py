@@ -105,6 +105,15 @@ def settings() -> tuple[str, str | None]:
     return level, _path
 
 
+def snapshot() -> tuple[str, str | None, dict[str, Any]]:
+    """What :func:`configure` was last given, for ``configure(level, path, **session)``."""
+    level, path = settings()
+    session = dict(_session)
+    if _prefix != SOURCE:
+        session["command"] = _prefix[len(SOURCE) + 1 :]
+    return level, path, session
+
+
 def close() -> None:
     global _stream, _owned
     if _owned is not None:

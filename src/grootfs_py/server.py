@@ -120,6 +120,9 @@ MAX_REQUEST = 1 << 20  # argv + environ; a cell's are a few kB
 REQUEST_TIMEOUT = 5.0  # seconds a connected shim has to send its whole request
 RESTART_INTERVAL = 2.0  # a forker that died is started again at most this often
 LEARN_UNTIL = 1 << 16  # a kind's n-th standby learns while n is a power of two up to this
+# How often a forker runs each hot command on a scratch store before its first
+# fork: CPython 3.11 quickens a function after 8 calls (see _warm_up).
+WARM_UP_RUNS = 10
 # A standby's name (/proc/<pid>/comm, what ps shows) while it prefaults, then
 # while it waits; as it takes a request it takes back the command's name.
 WARMING_NAME = "grootfs-warming"
@@ -204,6 +207,105 @@ def preload(modules: Sequence[str], tls: bool) -> None:
         from grootfs_py.sources import transport
 
         transport.preload_default_context()
+
+
+def _warm_up(*, creates: bool) -> None:
+    """Run the hot commands a few times on a throwaway store, before the first fork.
+
+    CPython 3.11 rewrites a function's bytecode for speed (quickens it) after
+    8 calls, then specializes its instructions as they run. A command's code
+    runs once in each child, which never gets there: it runs the generic
+    instructions, and writes to the code objects as it counts calls (copy-on-
+    write). Run here, the children inherit the specialized code. Measured on
+    forked children of a preloaded process, without standbys: create 3.3 ->
+    2.3 ms, stats 1.3 -> 0.9 ms, delete 2.3 -> 1.6 ms, a quarter fewer faults.
+
+    The store is a plain directory under $TMPDIR, removed at once with its
+    log; nothing is mounted or measured. What the runs leave in this process is code
+    and caches of pure functions (parsed tar fields, log event names): each
+    request's child still reads its own config and store afresh. A helper
+    child makes the store, the tar and the images this forker does not
+    create itself, so the forker imports nothing it would not anyway (the
+    lean one never loads the unpacker). Root only (another user's store
+    needs id mappings); a failure costs only the speed.
+    """
+    if os.geteuid() != 0:
+        return
+    import json
+    import shutil
+
+    from grootfs_py import cli
+
+    level, path, session = log.snapshot()
+    scratch = os.path.join(
+        os.environ.get("TMPDIR") or "/tmp",
+        f"grootfs-warm-up-{os.getpid()}-{os.urandom(4).hex()}",
+    )
+    tar = os.path.join(scratch, "rootfs.tar")
+    ids = [f"warm-up-{i}" for i in range(WARM_UP_RUNS + 1)]
+    # ids[0] is made by the helper, which unpacks the layer: the creates here are warm.
+    runs = [["create", tar, i] for i in ids[1:]] if creates else []
+    runs += [["stats", i] for i in ids[1:]] + [["delete", i] for i in ids]
+    try:
+        os.mkdir(scratch, 0o700)
+        config = os.path.join(scratch, "config.json")
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "store": os.path.join(scratch, "store"),
+                    "log_level": "fatal",
+                    "log_file": os.path.join(scratch, "log"),
+                    "create": {"without_mount": True},
+                },
+                f,
+            )
+        base = ["--config", config]
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _prepare_warm_up(base, tar, ids if not creates else ids[:1])
+            finally:
+                os._exit(code)
+        if os.waitpid(pid, 0)[1] != 0:
+            raise RuntimeError("preparing the scratch store failed")
+        with contextlib.redirect_stdout(io.StringIO()):
+            failed = sum(cli.main([*base, *args]) != 0 for args in runs)
+        if failed:
+            raise RuntimeError(f"{failed} of {len(runs)} commands failed")
+    except Exception as exc:
+        error = str(exc) or type(exc).__name__
+    else:
+        error = ""
+    finally:
+        # The commands logged to the scratch store's file: this process's own log again.
+        log.configure(level, path, **session)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if error:
+        log.info("warm-up failed; commands run unwarmed", error=error)
+    else:
+        log.info("forker warmed up", commands=len(runs))
+
+
+def _prepare_warm_up(base: list[str], tar: str, ids: Sequence[str]) -> int:
+    """In a child: the warm-up's store, a small stack tar, and images *ids* from it."""
+    import tarfile
+
+    from grootfs_py import cli
+
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in (("etc", None), ("etc/hostname", b"warm-up\n"), ("bin", None)):
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                archive.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                archive.addfile(info, io.BytesIO(data))
+    with contextlib.redirect_stdout(io.StringIO()):
+        if cli.main([*base, "init-store"]) != 0:
+            return 1
+        return max((cli.main([*base, "create", tar, i]) for i in ids), default=0)
 
 
 class _Request:
@@ -478,6 +580,7 @@ def _forker(ctl: socket.socket, modules: Sequence[str], tls: bool, kinds: Sequen
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         preload(modules, tls)
+        _warm_up(creates="create" in kinds)
         ctl.send(CONTROL.pack(b"REDY", 0, os.getpid()))
         _ForkerLoop(ctl, wake_r, kinds).run()
     except BaseException:

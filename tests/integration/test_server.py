@@ -593,6 +593,36 @@ def _without_proxies(env) -> dict[str, str]:
     }
 
 
+def test_forkers_warm_up_on_a_scratch_store_and_leave_nothing_behind(shim, tmp_path, dir_store):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    srv = fs.Server(tmp_path / "serve", env={**os.environ, "TMPDIR": str(scratch)}).start()
+    try:
+        log = srv.log()
+        # Both forkers ran their hot commands: create (10), stats (10), delete (11); the
+        # lean one stats and delete.
+        assert '"commands":31' in log and '"commands":21' in log, log
+        assert "warm-up-failed" not in log
+        assert os.listdir(scratch) == []
+        assert str(scratch) not in Path("/proc/self/mountinfo").read_text()
+        assert run_shim(srv, "list", store=dir_store).stdout == "Store empty\n"
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_warm_up_that_fails_costs_speed_only(shim, tmp_path, dir_store):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    srv = fs.Server(tmp_path / "serve", env={**os.environ, "TMPDIR": str(not_a_directory)}).start()
+    try:
+        assert srv.log().count(".serve.warm-up-failed") == 2, srv.log()
+        tar = f.write_tarball(str(tmp_path / "t.tar"), [f.file("etc/x", b"x")])
+        assert run_shim(srv, "create", tar, "c", store=dir_store).returncode == 0
+        assert run_shim(srv, "delete", "c", store=dir_store).stdout == "Image c deleted\n"
+    finally:
+        assert srv.stop() == 0
+
+
 def test_a_dead_forker_costs_speed_only_and_is_replaced(own_server, dir_store):
     forkers = fs.children_of(own_server.pid)
     assert len(forkers) == 2
