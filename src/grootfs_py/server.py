@@ -321,10 +321,12 @@ class _Request:
         self.env = env
 
 
-def parse_request(data: bytes) -> _Request | None:
+def parse_request(data: bytes, *, environment: bool = True) -> _Request | None:
     """The request in *data* if it is whole and valid, None if more is needed.
 
-    Raises ValueError for a request that can never become valid.
+    Raises ValueError for a request that can never become valid. Without
+    *environment* its env is left empty: the server needs only argv, and no
+    environment entry can make a request invalid (one without "=" is skipped).
     """
     if len(data) < HEADER.size:
         if not MAGIC.startswith(data[:4]):
@@ -344,9 +346,10 @@ def parse_request(data: bytes) -> _Request | None:
     payload = data[HEADER.size :]
     if length and not payload.endswith(b"\0"):
         raise ValueError("unterminated string")
-    fields = [os.fsdecode(f) for f in payload[:-1].split(b"\0")] if length else []
-    if argc > len(fields):
+    raw = payload[:-1].split(b"\0") if length else []
+    if argc > len(raw):
         raise ValueError("fewer strings than argc")
+    fields = [os.fsdecode(f) for f in (raw if environment else raw[:argc])]
     env: dict[str, str] = {}
     for entry in fields[argc:]:
         name, sep, value = entry.partition("=")
@@ -631,6 +634,10 @@ class _ForkerLoop:
         self.replacing: dict[int, str] = {}  # a command's pid -> the standby its exit brings
         self.poller = select.poll()
         self.name = _own_name()
+        # For the server's messages and the standbys' requests (they inherit
+        # it): recvmsg() of a buffer this size maps and unmaps one each time
+        # (~14 us), and a fresh bytearray is zeroed, every page written.
+        self.buffer = bytearray(CONTROL.size + COMMAND.size + HEADER.size + MAX_REQUEST)
 
     def run(self) -> None:
         self.poller.register(self.ctl.fileno(), select.POLLIN)
@@ -664,13 +671,12 @@ class _ForkerLoop:
     def _message(self) -> bool:
         """Act on one message from the server; False when it has closed the pair."""
         try:
-            data, ancdata, _flags, _addr = self.ctl.recvmsg(
-                CONTROL.size + COMMAND.size + HEADER.size + MAX_REQUEST,
-                socket.CMSG_SPACE((FDS + 1) * 4),
-                socket.MSG_CMSG_CLOEXEC,
+            size, ancdata, _flags, _addr = self.ctl.recvmsg_into(
+                [self.buffer], socket.CMSG_SPACE((FDS + 1) * 4), socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return True
+        data = bytes(memoryview(self.buffer)[:size])
         fds = _received_fds(ancdata)
         if not data:
             return False
@@ -779,7 +785,7 @@ class _ForkerLoop:
             theirs.close()
             return
         if pid == 0:
-            _standby(theirs, [] if learns else learned, detach, self.name, learns)
+            _standby(theirs, [] if learns else learned, detach, self.name, learns, self.buffer)
         linux.set_process_name(self.name)
         theirs.close()
         self.standbys[command] = (pid, ours, learns)
@@ -796,11 +802,14 @@ def _standby(
     detach: Sequence[socket.socket],
     name: str,
     learns: bool,
+    buffer: bytearray,
 ) -> None:
     """A standby child: prefault, wait for one request, then become its command (*name*).
 
     A learning standby prefaults nothing, so that what its command reports
-    is what the command wrote, not what was copied for it.
+    is what the command wrote, not what was copied for it. The request is
+    received into *buffer*, the forker's, inherited: only the pages it
+    fills are copied.
     """
     code = 0
     try:
@@ -821,9 +830,10 @@ def _standby(
         prefault.populate(learned)
         linux.set_process_name(STANDBY_NAME)
         sock = socket.socket(fileno=_REPORT_FD)
-        data, ancdata, _flags, _addr = sock.recvmsg(
-            HEADER.size + MAX_REQUEST, socket.CMSG_SPACE((FDS + 1) * 4), socket.MSG_CMSG_CLOEXEC
+        size, ancdata, _flags, _addr = sock.recvmsg_into(
+            [buffer], socket.CMSG_SPACE((FDS + 1) * 4), socket.MSG_CMSG_CLOEXEC
         )
+        data = bytes(memoryview(buffer)[:size])
         # A command is not killed with its forker: it reports itself.
         linux.set_parent_death_signal(0)
         linux.set_process_name(name)
@@ -1100,7 +1110,7 @@ class Server:
             return
         conn.buffer += data
         try:
-            request = parse_request(conn.buffer)
+            request = parse_request(conn.buffer, environment=False)
         except ValueError as exc:
             log.info("bad request: dropped", error=str(exc))
             self._drop(conn)

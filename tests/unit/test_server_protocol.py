@@ -16,6 +16,17 @@ def test_a_request_round_trips():
     assert request.umask == 0o027
 
 
+def test_the_servers_parse_leaves_the_environment_to_the_child():
+    data = encode_request(["--store", "/s", "stats", "x"], {"A": "1", "NOSIGN": ""}, 0o027)
+    request = parse_request(data, environment=False)
+    assert request is not None
+    assert (request.argv, request.env, request.umask) == (
+        ["--store", "/s", "stats", "x"],
+        {},
+        0o027,
+    )
+
+
 def test_a_partial_request_asks_for_more():
     data = encode_request(["list"], {"PATH": "/bin"}, 0o022)
     for cut in (0, 3, HEADER.size - 1, HEADER.size, len(data) - 1):
@@ -47,9 +58,10 @@ def _with(payload: bytes, *, magic=MAGIC, version=VERSION, argc=1, length=None) 
         (_with(b"list\0", argc=2), "fewer strings than argc"),
     ],
 )
-def test_malformed_requests_are_refused(data, why):
+@pytest.mark.parametrize("environment", [True, False], ids=["child", "server"])
+def test_malformed_requests_are_refused(data, why, environment):
     with pytest.raises(ValueError, match=why):
-        parse_request(data)
+        parse_request(data, environment=environment)
 
 
 def test_umask_keeps_only_permission_bits():
