@@ -249,9 +249,14 @@ def _warm_up(*, creates: bool) -> None:
     )
     tar = os.path.join(scratch, "rootfs.tar")
     ids = [f"warm-up-{i}" for i in range(WARM_UP_RUNS + 1)]
-    # ids[0] is made by the helper, which unpacks the layer: the creates here are warm.
-    runs = [["create", tar, i] for i in ids[1:]] if creates else []
-    runs += [["stats", i] for i in ids[1:]] + [["delete", i] for i in ids]
+    # Only the commands this forker is handed: the server sends it create
+    # alone, or everything but create. ids[0] is made by the helper, which
+    # unpacks the layer, so the creates here are warm; the images are left to
+    # the scratch store's removal.
+    if creates:
+        runs = [["create", tar, i] for i in ids[1:]]
+    else:
+        runs = [["stats", i] for i in ids[1:]] + [["delete", i] for i in ids]
     try:
         os.mkdir(scratch, 0o700)
         config = os.path.join(scratch, "config.json")
