@@ -48,8 +48,13 @@ def umount(target: str, flags: int = UMOUNT_NOFOLLOW) -> None:
     _check(_libc().umount2(target.encode(), flags), "umount", target)
 
 
+@functools.cache
 def boot_id() -> str:
-    """This boot's random id (a new one after every reboot, clean or not)."""
+    """This boot's random id (a new one after every reboot, clean or not).
+
+    Read once per process: no process outlives its boot, and check-store
+    asks once for every unmounted image.
+    """
     fd = os.open("/proc/sys/kernel/random/boot_id", os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.read(fd, 64).decode("ascii").strip()
