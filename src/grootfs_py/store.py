@@ -130,7 +130,7 @@ class Store:
 
     def init(self, *, size_bytes: int, idmap: IdMap, direct_io: bool = False) -> None:
         """Make the store usable: backing filesystem (when sized), layout, mappings."""
-        from grootfs_py import backing, mounts
+        from grootfs_py import backing, linux, mounts
 
         if self.rootless:
             # GrootFS's words.
@@ -169,6 +169,13 @@ class Store:
         for target in (self.path, *(self.join(sub) for sub in LAYOUT)):
             os.chown(target, idmap.root_uid, idmap.root_gid)
         os.chmod(self.path, 0o700)
+        # Once, so that a crash right after init-store cannot leave the
+        # store's records empty (nothing else flushes them).
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            linux.syncfs(fd)
+        finally:
+            os.close(fd)
         log.info("store initialised", store=self.path, quotas=quotas, backing_store=backing_file)
 
     def delete(self) -> None:

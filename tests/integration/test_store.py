@@ -119,3 +119,16 @@ def test_check_quota_fails_clearly_on_a_store_without_quotas(grootfs, dir_store)
     assert result.stdout == (
         "store cannot enforce disk quotas: it is not mounted with XFS project quotas\n"
     )
+
+
+def test_a_crash_right_after_init_store_leaves_a_usable_store(grootfs, xfs_store):
+    # XFS's simulated crash: the log reaches the disk, data not yet written back does not.
+    subprocess.run(["xfs_io", "-x", "-c", "shutdown -f", xfs_store], check=True)
+    subprocess.run(["umount", xfs_store], check=True)
+
+    grootfs("init-store", "--store-size-bytes", str(GiB), store=xfs_store)
+
+    with open(os.path.join(xfs_store, "meta", "namespace.json")) as fh:
+        assert json.load(fh)["uid_mappings"] is not None
+    assert grootfs("list", store=xfs_store).stdout == "Store empty\n"
+
