@@ -9,7 +9,9 @@ filesystem: it is mounted again, never formatted again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import time
 
 from grootfs_py import log, mounts
 from grootfs_py.errors import CommandError, MountError, StoreError
@@ -92,6 +94,8 @@ def quota_enabled(info: mounts.MountInfo) -> bool:
 
 
 LOOP_SET_DIRECT_IO = 0x4C08
+# How long unmounting the store waits for it to stop being busy.
+BUSY_SECONDS = 10.0
 
 
 def set_direct_io(store: str, enabled: bool) -> None:
@@ -141,10 +145,16 @@ def unmount(store: str) -> None:
     from grootfs_py import linux
 
     path = backing_path(store)
+    # A create's settler (settle.py) holds the store open while it flushes:
+    # a busy store is given that long before it is an error.
+    deadline = time.monotonic() + BUSY_SECONDS
     while mounts.find(store) is not None:
         try:
             linux.umount(store)
         except OSError as exc:
+            if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             raise MountError(f"unmount store {store}: {exc.strerror}") from None
     if os.path.exists(path):
         for device in loop_devices(path):

@@ -3,6 +3,8 @@
 import json
 import os
 import subprocess
+import threading
+import time
 
 from grootfs_py import mounts
 
@@ -132,3 +134,18 @@ def test_a_crash_right_after_init_store_leaves_a_usable_store(grootfs, xfs_store
         assert json.load(fh)["uid_mappings"] is not None
     assert grootfs("list", store=xfs_store).stdout == "Store empty\n"
 
+
+def test_delete_store_waits_for_a_store_that_is_busy_for_a_moment(grootfs, xfs_store):
+    # What a create's settler (settle.py) still flushing looks like: the store held open.
+    fd = os.open(xfs_store, os.O_RDONLY | os.O_DIRECTORY)
+    releaser = threading.Timer(1.0, os.close, (fd,))
+    releaser.start()
+    try:
+        start = time.monotonic()
+        result = grootfs("delete-store", store=xfs_store, check=False)
+    finally:
+        releaser.join()
+    assert result.returncode == 0, result.stdout
+    assert time.monotonic() - start >= 0.9
+    assert not os.path.exists(xfs_store)
+    # The fixture's own delete-store then finds nothing: a missing store is success.
