@@ -31,6 +31,7 @@ class Grootfs(Protocol):
         store: StrPath | None = ...,
         check: bool = ...,
         config: StrPath | dict[str, Any] | None = ...,
+        env: dict[str, str] | None = ...,
     ) -> subprocess.CompletedProcess[str]: ...
 
 
@@ -80,7 +81,8 @@ def grootfs(grootfs_log: Path, grootfs_via: str, request: pytest.FixtureRequest)
     """Run the CLI as Garden does: a separate process, stdout parsed by the caller.
 
     ``store`` becomes ``--store``; ``config`` is a YAML file path or a dict
-    written to one, passed as ``--config``. With ``check`` a non-zero exit
+    written to one, passed as ``--config``; ``env`` is added to the
+    environment the command runs in. With ``check`` a non-zero exit
     fails the test, showing stdout, stderr and the log's tail. Through the
     shim, the fallback is pointed nowhere, so only the server can succeed.
     """
@@ -98,6 +100,7 @@ def grootfs(grootfs_log: Path, grootfs_via: str, request: pytest.FixtureRequest)
         store: StrPath | None = None,
         check: bool = True,
         config: StrPath | dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         nonlocal configs
         argv: list[str] = list(command)
@@ -117,7 +120,7 @@ def grootfs(grootfs_log: Path, grootfs_via: str, request: pytest.FixtureRequest)
             capture_output=True,
             text=True,
             check=False,
-            env=server.shim_env() if server else None,
+            env=server.shim_env(**(env or {})) if server else {**os.environ, **(env or {})},
         )
         if check and result.returncode != 0:
             log_tail = grootfs_log.read_text()[-3000:] if grootfs_log.exists() else ""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
-from grootfs_py import fsutil, images, linux, log, mounts, overlay, volumes
+from grootfs_py import fsutil, images, linux, log, mounts, overlay, settle, volumes
 from grootfs_py.errors import GrootError
 from grootfs_py.store import INCOMPLETE, Store, chain_id_of, volume_name
 
@@ -138,6 +138,12 @@ def _unmounted(
         )
     if missing:
         return Problem(f"image {image_id}: rootfs is not mounted")
+    for chain_id in layers:
+        if settle.suspect(store, chain_id):
+            return Problem(
+                f"image {image_id}: rootfs is not mounted, and its layer {chain_id} "
+                "was not flushed before its store was last lost: delete the image"
+            )
     remount = partial(_remount, store, image_id, layers, volatile=bool(volatile_boot))
     return Problem(f"image {image_id}: rootfs is not mounted", remount)
 
@@ -177,8 +183,12 @@ def _mounts(store: Store) -> list[Problem]:
 def _layers(store: Store) -> list[Problem]:
     problems = []
     present = store.complete_volumes()
+    problems += _markers(store, present)
+    lost = {c for c in present if settle.suspect(store, c)}  # reported just above
     links = store.join(overlay.LINKS_DIR)
     for chain_id in present:
+        if chain_id in lost:
+            continue
         short = overlay.short_name(chain_id)
         target = f"../volumes/{volume_name(chain_id)}"
         try:
@@ -218,6 +228,33 @@ def _layers(store: Store) -> list[Problem]:
                     Problem(f"layer {chain_id}: size record without layer", partial(_unlink, path))
                 )
     return problems
+
+
+def _markers(store: Store, present: list[str]) -> list[Problem]:
+    """Markers of layers not yet flushed (settle.py) that no settler will remove."""
+    problems = []
+    complete = set(present)
+    used = {c for layers in store.dependencies().values() for c in layers}
+    current = settle.epoch(store)
+    for name, epoch in sorted(settle.markers(store).items()):
+        path = os.path.join(settle.directory(store), name)
+        chain_id = chain_id_of(name)
+        if chain_id not in complete:
+            problems.append(
+                Problem(f"layer {chain_id}: flush marker without the layer", partial(_unlink, path))
+            )
+        elif epoch != current:
+            text = f"layer {chain_id}: not flushed before its store was last lost"
+            if chain_id in used:
+                # What it needs is the images' source: a create unpacks it again.
+                problems.append(Problem(f"{text}, and images use it"))
+            else:
+                problems.append(Problem(text, partial(_remove_layer, store, chain_id)))
+    return problems
+
+
+def _remove_layer(store: Store, chain_id: str) -> None:
+    store.remove_tree(volumes.remove(store, chain_id))
 
 
 def _record_size(store: Store, chain_id: str) -> None:

@@ -12,7 +12,9 @@ them) and decides what is garbage under the finer locks (see
 - an ``-incomplete-`` layer is debris when its layer lock is free (unpacks
   hold it); an image directory without ``image.json`` when its own flock is
   free (creates hold it); a ``tmp/`` entry when the process named in it is
-  gone; records and project ids when their image is gone.
+  gone; records and project ids when their image is gone; a layer's size
+  record and flush marker (settle.py) when the layer is gone and its lock
+  is free.
 
 Removal is two-phase: renamed aside under the lock, deleted after it.
 """
@@ -22,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
-from grootfs_py import fsutil, locks, log, metrics, overlay, volumes
+from grootfs_py import fsutil, locks, log, metrics, overlay, settle, volumes
 from grootfs_py.errors import StoreError
 from grootfs_py.store import INCOMPLETE, Store, chain_id_of
 
@@ -93,6 +97,7 @@ def clean(
             removed = _remove_unused_layers(store, deadline)
             _remove_dangling_links(store)
             _remove_orphan_sizes(store)
+            _remove_orphan_markers(store)
     finally:
         os.close(only_clean)
     log.info("clean completed", layers_removed=removed)
@@ -258,20 +263,40 @@ def _remove_dangling_links(store: Store) -> None:
             os.close(fd)
 
 
+def _remove_orphan_markers(store: Store) -> None:
+    """Flush markers (settle.py) whose layer never got its name (an unpack killed after it)."""
+    for name in settle.markers(store):
+        chain_id = chain_id_of(name)
+        _if_layer_gone(store, chain_id, partial(settle.forget, store, chain_id))
+
+
 def _remove_orphan_sizes(store: Store) -> None:
     """Size records whose layer is gone (a clean killed after moving the layer aside)."""
     for name in os.listdir(store.join("meta")):
         if not name.startswith("volume-") or ".tmp-" in name:
             continue
         chain_id = chain_id_of(name[len("volume-") :])
-        if os.path.isdir(store.volume_dir(chain_id)):
-            continue
-        fd = locks.try_acquire(store.layer_lock(chain_id))
-        if fd is None:
-            continue  # being unpacked: the size is written before the rename
-        try:
-            if not os.path.isdir(store.volume_dir(chain_id)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(store.join("meta", name))
-        finally:
-            os.close(fd)
+        _if_layer_gone(store, chain_id, partial(_unlink, store.join("meta", name)))
+
+
+def _if_layer_gone(store: Store, chain_id: str, remove: Callable[[], None]) -> None:
+    """Call *remove* if the layer is not in the store and no unpack of it is running.
+
+    An unpack holds the layer's lock and writes its size record and marker
+    before the rename: with the lock, a record without its layer is debris.
+    """
+    if os.path.isdir(store.volume_dir(chain_id)):
+        return
+    fd = locks.try_acquire(store.layer_lock(chain_id))
+    if fd is None:
+        return
+    try:
+        if not os.path.isdir(store.volume_dir(chain_id)):
+            remove()
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

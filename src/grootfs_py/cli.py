@@ -346,7 +346,7 @@ def _run(args: argparse.Namespace, config: Config) -> None:
 
 
 def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
-    from grootfs_py import images
+    from grootfs_py import images, settle
     from grootfs_py.sources import SourceOptions
 
     if len(args.args) != 2:
@@ -366,8 +366,13 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
             cache_dir=store.join("meta", "image-configs"),
         ),
     )
-    spec = images.create(store, url, image_id, options)
+    try:
+        spec = images.create(store, url, image_id, options)
+    except BaseException:
+        settle.detach(store)  # the layers it did make stay cached
+        raise
     _print(spec)
+    settle.detach(store)
     if config.create.with_clean:
         _spawn_clean(config, args.config)
     if metrics.enabled():

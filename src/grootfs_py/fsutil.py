@@ -16,11 +16,19 @@ from typing import Any, BinaryIO
 
 
 def crash_point(name: str) -> None:
-    """Test-only: die here, as a kill -9 would, when the environment names this point."""
+    """Test-only: die here, as a kill -9 would, or stop here, when the environment names it.
+
+    ``GROOTFS_TEST_CRASH_AT`` kills; ``GROOTFS_TEST_STOP_AT`` stops the
+    process (SIGSTOP) for the test to look at it and then continue or kill it.
+    """
     if name == os.environ.get("GROOTFS_TEST_CRASH_AT"):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    elif name == os.environ.get("GROOTFS_TEST_STOP_AT"):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def write_json(path: str, data: Any) -> None:

@@ -66,16 +66,10 @@ def _create(store: Store, url: str, image_id: str, options: CreateOptions) -> di
         chain_ids = [layer.chain_id for layer in image.layers]
         budget = None
         if inclusive:
-            cached = sum(
-                store.volume_size(c) for c in chain_ids if os.path.isdir(store.volume_dir(c))
-            )
+            cached = sum(store.volume_size(c) for c in chain_ids if volumes.usable(store, c))
             if cached > limit:
                 raise StoreError("disk limit is smaller than volume size")
-            missing = [
-                layer
-                for layer in image.layers
-                if not os.path.isdir(store.volume_dir(layer.chain_id))
-            ]
+            missing = [layer for layer in image.layers if not volumes.usable(store, layer.chain_id)]
             if sum(layer.blob_size or 0 for layer in missing) > limit - cached:
                 # Checked before any download: the compressed bytes alone do not fit.
                 raise StoreError("layers exceed disk quota")

@@ -1,6 +1,6 @@
 """Thin wrappers over the Linux system calls Python's os module lacks.
 
-mount(2), umount2(2) and syncfs(2) are called through libc directly: a
+mount(2), umount2(2), syncfs(2) and fstatfs(2) are called through libc directly: a
 create on a warm store is one overlay mount, and spawning mount(8) for it
 would cost more than the rest of the command.
 """
@@ -65,6 +65,14 @@ def boot_id() -> str:
 def syncfs(fd: int) -> None:
     """Flush the filesystem holding *fd*, and only that one."""
     _check(_libc().syncfs(fd), "syncfs", str(fd))
+
+
+def filesystem_magic(fd: int) -> int:
+    """The type of the filesystem holding *fd* (fstatfs(2)'s ``f_type``, e.g. XFS_SUPER_MAGIC)."""
+    # struct statfs is 120 bytes on 64-bit Linux; f_type, a long, comes first.
+    buf = ctypes.create_string_buffer(256)
+    _check(_libc().fstatfs(fd, buf), "fstatfs", str(fd))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 PR_SET_PDEATHSIG = 1

@@ -114,6 +114,11 @@ def snapshot() -> tuple[str, str | None, dict[str, Any]]:
     return level, path, session
 
 
+def file_fd() -> int | None:
+    """The log file's descriptor, for a process about to close every other one."""
+    return _owned.fd if _owned is not None and _owned.fd >= 0 else None
+
+
 def close() -> None:
     global _stream, _owned
     if _owned is not None:

@@ -144,6 +144,7 @@ _LEAN = (
     "grootfs_py.locks",
     "grootfs_py.mounts",
     "grootfs_py.overlay",
+    "grootfs_py.settle",
     "grootfs_py.store",
     "grootfs_py.usage",  # metrics after a delete (and a create)
     "grootfs_py.volumes",

@@ -10,6 +10,7 @@
     <store>/meta/store.json                    backing file, quota support
     <store>/meta/volume-<hex>                  one layer's size
     <store>/meta/dependencies/image:<id>.json  the layers an image uses
+    <store>/meta/unsettled/<hex> -> <epoch>/<token>   a layer not yet flushed (settle.py)
     <store>/locks/ <store>/tmp/ <store>/projectids/
 """
 
@@ -19,7 +20,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from grootfs_py import fsutil, log
 from grootfs_py.errors import InvalidArgumentError, StoreError
@@ -27,8 +28,21 @@ from grootfs_py.idmap import IdMap
 from grootfs_py.locks import DEFAULT_TIMEOUT, flock
 from grootfs_py.metrics import LockWait
 
+if TYPE_CHECKING:
+    from grootfs_py import settle
+
 NOT_INITIALIZED = "Store path is not initialized. Please run init-store."
-LAYOUT = ("images", "volumes", "l", "meta", "meta/dependencies", "locks", "tmp", "projectids")
+LAYOUT = (
+    "images",
+    "volumes",
+    "l",
+    "meta",
+    "meta/dependencies",
+    "meta/unsettled",
+    "locks",
+    "tmp",
+    "projectids",
+)
 INCOMPLETE = "-incomplete-"
 NOT_YOURS = " (a non-root user needs a store that root initialised with its id mappings)"
 
@@ -55,6 +69,8 @@ class Store:
         self.newuidmap_bin = newuidmap_bin or "newuidmap"
         self.newgidmap_bin = newgidmap_bin or "newgidmap"
         self._idmap: IdMap | None = None
+        # The layers this process has left to flush after it answers (settle.py).
+        self.pending: settle.Pending | None = None
 
     @property
     def rootless(self) -> bool:

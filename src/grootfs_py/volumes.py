@@ -2,9 +2,12 @@
 
 A layer is unpacked into ``volumes/<hex>-incomplete-<tag>`` and becomes
 ``volumes/<hex>`` only after its digests are verified, its size recorded
-and its filesystem flushed: a directory without the marker in its name is
-always a whole layer. A killed unpack leaves an ``-incomplete-`` directory
-that nothing will use and that clean removes.
+and its filesystem flushed (or, on the store init-store makes, a marker
+made that stands for the flush until the create has answered: settle.py).
+A directory without ``-incomplete-`` in its name is always a whole layer,
+or one whose marker names an epoch that is over, which nothing uses. A
+killed unpack leaves an ``-incomplete-`` directory that nothing will use
+and that clean removes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from grootfs_py import fsutil, locks, log, metrics, overlay
+from grootfs_py import fsutil, locks, log, metrics, overlay, settle
 from grootfs_py.digest import VerifyingReader
 from grootfs_py.errors import (
     GrootError,
@@ -109,11 +112,13 @@ def in_use(
             fd = locks.acquire(
                 store.layer_lock(layer.chain_id), shared=True, waits=metrics.SHARED_LOCKS
             )
-            if os.path.isdir(store.volume_dir(layer.chain_id)):
+            if usable(store, layer.chain_id):
                 fds.append(fd)
             else:
                 os.close(fd)
                 missing[layer.chain_id] = layer
+        if missing:
+            settle.begin(store)
         while missing:
             # A layer with a base directory copies directories from the layer
             # below it, so it waits until that one is in the store.
@@ -136,6 +141,11 @@ def in_use(
             os.close(fd)
 
 
+def usable(store: Store, chain_id: str) -> bool:
+    """Whether the layer is in the store and can be used: there, and not suspect (settle.py)."""
+    return os.path.isdir(store.volume_dir(chain_id)) and not settle.suspect(store, chain_id)
+
+
 def _acquire(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) -> int:
     """Unpack the layer unless it is there, and return an fd holding its lock shared.
 
@@ -156,7 +166,7 @@ def _acquire(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) ->
                 f"timed out after {locks.DEFAULT_TIMEOUT:g}s waiting for layer {layer.chain_id}"
             )
         fd = locks.acquire(path, shared=True, timeout=left)  # waits out an unpack or a clean
-        if os.path.isdir(final):
+        if usable(store, layer.chain_id):
             if start_ns:  # another create unpacked it while we waited
                 metrics.EXCLUSIVE_LOCKS.add(time.monotonic_ns() - start_ns)
             return fd
@@ -169,7 +179,14 @@ def _acquire(store: Store, layer: Layer, idmap: IdMap, budget: Budget | None) ->
         metrics.EXCLUSIVE_LOCKS.add(time.monotonic_ns() - start_ns)
         start_ns = 0
         try:
-            if not os.path.isdir(final):
+            if not usable(store, layer.chain_id):
+                if os.path.isdir(final):
+                    log.info(
+                        "layer was not flushed before its store was last lost: unpacking it again",
+                        layer=layer.label,
+                        chain_id=layer.chain_id,
+                    )
+                    store.remove_tree(remove(store, layer.chain_id))
                 _unpack(store, layer, idmap, budget)
         finally:
             os.close(unpacker)
@@ -414,6 +431,12 @@ def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget |
     tmp = f"{final}{INCOMPLETE}{os.getpid()}-{os.urandom(4).hex()}"
     os.mkdir(tmp, 0o755)
     log.info("unpacking layer", layer=layer.label, chain_id=layer.chain_id)
+    pending = store.pending  # None: flush before the rename
+    # Opened before the first byte is written: the flush reports every
+    # writeback error from here on.
+    sync_fd = -1
+    if pending is None:
+        sync_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if not store.rootless:
             os.chown(tmp, idmap.root_uid, idmap.root_gid)
@@ -423,8 +446,10 @@ def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget |
         # download streams through it, so its time is in there too).
         with contextlib.closing(compressed._inner), metrics.timed("UnpackTime"):
             positioned = None if store.rootless else _positioned(layer, compressed._inner, budget)
-            if positioned is not None:
+            if positioned is not None and pending is not None:
                 # Nothing to verify: the digest readers stay unread.
+                size = _unpack_into(store, positioned, tmp, idmap, layer, parent)
+            elif positioned is not None:
                 with _Flusher(tmp) as flusher:
                     positioned.on_copy = flusher.wrote
                     size = _unpack_into(store, positioned, tmp, idmap, layer, parent)
@@ -433,22 +458,29 @@ def _fetch_and_unpack(store: Store, layer: Layer, idmap: IdMap, budget: Budget |
                     store, layer, tmp, idmap, budget, compressed, decompressor, uncompressed, parent
                 )
         fsutil.write_json(store.volume_meta(layer.chain_id), {"size": size})
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            linux.syncfs(fd)
-        finally:
-            os.close(fd)
+        if pending is None:
+            linux.syncfs(sync_fd)
         fsutil.crash_point("create-before-layer-rename")
+        if pending is not None:
+            settle.mark(store, pending, layer.chain_id)
+            fsutil.crash_point("create-after-layer-mark")
         try:
             os.rename(tmp, final)
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             # Another create finished the same layer first; theirs is as good.
+            # Our marker now stands on theirs, which our flush may not cover:
+            # it stays, and only costs an unpack after a reboot.
+            if pending is not None:
+                pending.marked.pop(layer.chain_id, None)
             store.remove_tree(tmp)
     except BaseException:
         store.remove_tree(tmp)
         raise
+    finally:
+        if sync_fd >= 0:
+            os.close(sync_fd)
     # Linked now, not when the whole image is ready: a create whose next layer
     # fails keeps this one cached, and a cached layer has its link (check-store).
     link(store, layer.chain_id)
@@ -465,6 +497,7 @@ def remove(store: Store, chain_id: str) -> str:
     """
     trashed = store.trash(store.volume_dir(chain_id), f"volume-{volume_name(chain_id)}")
     fsutil.crash_point("clean-after-layer-trash")
+    settle.forget(store, chain_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(store.join(overlay.LINKS_DIR, overlay.short_name(chain_id)))
     with contextlib.suppress(FileNotFoundError):
