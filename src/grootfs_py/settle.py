@@ -148,6 +148,8 @@ def suspect(store: Store, chain_id: str) -> bool:
         target = os.readlink(marker(store, chain_id))
     except FileNotFoundError:
         return False
+    except OSError:  # not a symlink: not ours to trust
+        return True
     return target.rpartition("/")[0] != epoch(store)
 
 
@@ -176,9 +178,9 @@ def detach(store: Store) -> None:
     """Leave a settler behind for this create's marked layers, if there are any.
 
     Called once the create has answered. The settler is a forked child in a
-    session of its own, with nothing open but the store: no pipe of the
-    caller's stays open (Garden reads stdout to its end) and no lock of
-    this process is held any longer than by this process.
+    session of its own, with nothing open but the store and the log file:
+    no pipe of the caller's stays open (Garden reads stdout to its end) and
+    no lock of this process is held any longer than by this process.
     """
     pending = store.pending
     if pending is None:

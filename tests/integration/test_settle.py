@@ -290,3 +290,21 @@ def test_the_create_answers_without_waiting_for_its_settler_or_leaving_it_a_pipe
     _wait_settled(xfs_store)
     rootfs = os.path.join(xfs_store, "images", "c1", "rootfs")
     assert _digests(rootfs, files) == _expected(files)
+
+
+def test_a_marker_that_is_not_a_symlink_is_not_trusted(grootfs, xfs_store, tmp_path):
+    layout, files = _layout(tmp_path)
+    grootfs("create", layout.ref, "c1", store=xfs_store)
+    _wait_settled(xfs_store)
+    grootfs("delete", "c1", store=xfs_store)
+    volume = _only_volume(xfs_store)
+    inode = os.stat(volume).st_ino
+    with open(os.path.join(xfs_store, "meta", "unsettled", os.path.basename(volume)), "w") as fh:
+        fh.write("not a marker grootfs made")
+
+    grootfs("create", layout.ref, "c2", store=xfs_store)
+
+    assert os.stat(_only_volume(xfs_store)).st_ino != inode, "unpacked again"
+    rootfs = os.path.join(xfs_store, "images", "c2", "rootfs")
+    assert _digests(rootfs, files) == _expected(files)
+    _wait_settled(xfs_store)
