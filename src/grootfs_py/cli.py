@@ -367,7 +367,7 @@ def _create(args: argparse.Namespace, config: Config, store: Any) -> None:
         ),
     )
     try:
-        spec = images.create(store, url, image_id, options)
+        spec = images.create(store, url, image_id, options, settle_later=True)
     except BaseException:
         settle.detach(store)  # the layers it did make stay cached
         raise

@@ -39,11 +39,24 @@ def check_id(image_id: str) -> None:
         raise InvalidArgumentError(f"id `{image_id}` is not a valid image id")
 
 
-def create(store: Store, url: str, image_id: str, options: CreateOptions) -> dict[str, Any]:
-    """Create the image and return the runtime-spec JSON Garden reads."""
-    # Timed whether it succeeds or not, as GrootFS times it.
-    with metrics.timed("ImageCreationTime"):
-        return _create(store, url, image_id, options)
+def create(
+    store: Store, url: str, image_id: str, options: CreateOptions, *, settle_later: bool = False
+) -> dict[str, Any]:
+    """Create the image and return the runtime-spec JSON Garden reads.
+
+    The layers it unpacked are on disk when it returns, unless *settle_later*:
+    then the caller calls :func:`settle.detach` once it has answered (the
+    command does), and until then their markers stand for the flush.
+    """
+    from grootfs_py import settle
+
+    try:
+        # Timed whether it succeeds or not, as GrootFS times it.
+        with metrics.timed("ImageCreationTime"):
+            return _create(store, url, image_id, options)
+    finally:
+        if not settle_later:
+            settle.now(store)
 
 
 def _create(store: Store, url: str, image_id: str, options: CreateOptions) -> dict[str, Any]:

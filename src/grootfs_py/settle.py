@@ -174,6 +174,22 @@ def markers(store: Store) -> dict[str, str]:
     return found
 
 
+def now(store: Store) -> None:
+    """Settle this process's marked layers here and now (a caller that is not a command)."""
+    pending = store.pending
+    if pending is None:
+        return
+    store.pending = None
+    try:
+        if pending.marked:
+            settle(store, pending)
+    except (OSError, GrootError) as exc:
+        # The markers stay: those layers are unpacked again in the next epoch.
+        log.error("settling layers failed", error=str(exc), layers=sorted(pending.marked))
+    finally:
+        os.close(pending.fd)
+
+
 def detach(store: Store) -> None:
     """Leave a settler behind for this create's marked layers, if there are any.
 

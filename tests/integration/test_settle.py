@@ -240,6 +240,17 @@ def test_a_create_killed_between_marking_and_renaming_its_layer_leaves_debris_th
     assert _digests(rootfs, files) == _expected(files)
 
 
+def _open_files():
+    """What this process has open (the listing's own descriptor is gone by the readlink)."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return paths
+
+
 def _stopped_holding(store):
     """Pids of the stopped processes that have *store* open: a settler stopped at its point."""
     pids = []
@@ -308,3 +319,20 @@ def test_a_marker_that_is_not_a_symlink_is_not_trusted(grootfs, xfs_store, tmp_p
     rootfs = os.path.join(xfs_store, "images", "c2", "rootfs")
     assert _digests(rootfs, files) == _expected(files)
     _wait_settled(xfs_store)
+
+
+@pytest.mark.parametrize("grootfs_via", ["python"])
+def test_a_create_through_the_library_has_its_layers_on_disk_when_it_returns(xfs_store, tmp_path):
+    # images.create called in-process (as the quota tier does): no command
+    # answers first, so nothing is left for later, and nothing stays open.
+    from grootfs_py import images
+    from grootfs_py.store import Store
+
+    layout, files = _layout(tmp_path)
+
+    images.create(Store(xfs_store), layout.ref, "c1", images.CreateOptions())
+
+    assert _markers(xfs_store) == []
+    assert not [path for path in _open_files() if path.startswith(xfs_store)]
+    rootfs = os.path.join(xfs_store, "images", "c1", "rootfs")
+    assert _digests(rootfs, files) == _expected(files)
