@@ -705,6 +705,9 @@ def test_a_standby_takes_copies_of_the_pages_its_command_wrote_before(
     [first] = [p for p, f in standbys.items() if f == create_forker]
     before = _private_dirty_kib(first)
     for i in range(2):  # the 1st and 2nd create report what they wrote
+        # Each to a standby: one that comes right after a command's exit,
+        # before its replacement is ready, gets a child forked on the spot.
+        _ready_standbys(own_server, 3)
         created = run_shim(own_server, "create", tar, f"l{i}", store=dir_store)
         assert created.returncode == 0, created.stdout
     [learned] = [p for p, f in _ready_standbys(own_server, 3).items() if f == create_forker]
