@@ -8,7 +8,6 @@ what needs the image's source (a missing layer) is reported, not repaired.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from functools import partial
@@ -218,14 +217,19 @@ def _layers(store: Store) -> list[Problem]:
     for name in sorted(os.listdir(links)):
         path = os.path.join(links, name)
         if not os.path.isdir(path):
-            problems.append(Problem(f"link l/{name}: does not resolve", partial(_unlink, path)))
+            problems.append(
+                Problem(f"link l/{name}: does not resolve", partial(fsutil.unlink_quietly, path))
+            )
     for name in sorted(os.listdir(store.join("meta"))):
         if name.startswith("volume-") and ".tmp-" not in name:
             chain_id = chain_id_of(name[len("volume-") :])
             if not os.path.isdir(store.volume_dir(chain_id)):
                 path = store.join("meta", name)
                 problems.append(
-                    Problem(f"layer {chain_id}: size record without layer", partial(_unlink, path))
+                    Problem(
+                        f"layer {chain_id}: size record without layer",
+                        partial(fsutil.unlink_quietly, path),
+                    )
                 )
     return problems
 
@@ -241,7 +245,10 @@ def _markers(store: Store, present: list[str]) -> list[Problem]:
         chain_id = chain_id_of(name)
         if chain_id not in complete:
             problems.append(
-                Problem(f"layer {chain_id}: flush marker without the layer", partial(_unlink, path))
+                Problem(
+                    f"layer {chain_id}: flush marker without the layer",
+                    partial(fsutil.unlink_quietly, path),
+                )
             )
         elif epoch != current:
             text = f"layer {chain_id}: not flushed before its store was last lost"
@@ -263,13 +270,8 @@ def _record_size(store: Store, chain_id: str) -> None:
 
 
 def _relink(store: Store, chain_id: str, short: str) -> None:
-    _unlink(store.join(overlay.LINKS_DIR, short))
+    fsutil.unlink_quietly(store.join(overlay.LINKS_DIR, short))
     volumes.link(store, chain_id)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _records(store: Store) -> list[Problem]:
@@ -281,7 +283,10 @@ def _records(store: Store) -> list[Problem]:
         if image_id not in image_set:
             path = store.dependency_file(image_id)
             problems.append(
-                Problem(f"dependency record of missing image {image_id}", partial(_unlink, path))
+                Problem(
+                    f"dependency record of missing image {image_id}",
+                    partial(fsutil.unlink_quietly, path),
+                )
             )
     ids = quota.ProjectIds(store.join("projectids"))
     for project_id, owner in sorted(ids.owners().items()):

@@ -276,7 +276,7 @@ def _remove_orphan_sizes(store: Store) -> None:
         if not name.startswith("volume-") or ".tmp-" in name:
             continue
         chain_id = chain_id_of(name[len("volume-") :])
-        _if_layer_gone(store, chain_id, partial(_unlink, store.join("meta", name)))
+        _if_layer_gone(store, chain_id, partial(fsutil.unlink_quietly, store.join("meta", name)))
 
 
 def _if_layer_gone(store: Store, chain_id: str, remove: Callable[[], None]) -> None:
@@ -295,8 +295,3 @@ def _if_layer_gone(store: Store, chain_id: str, remove: Callable[[], None]) -> N
             remove()
     finally:
         os.close(fd)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

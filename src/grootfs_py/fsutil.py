@@ -55,6 +55,12 @@ def write_json(path: str, data: Any) -> None:
         raise
 
 
+def unlink_quietly(path: str) -> None:
+    """Remove the file *path*; one that is already gone is no error."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def read_json(path: str) -> Any:
     """The JSON value in the UTF-8 file *path*.
 

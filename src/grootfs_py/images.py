@@ -165,7 +165,7 @@ def _make_image(
 
         deps = store.dependency_file(image_id)
         fsutil.write_json(deps, {"layers": chain_ids})
-        undo.callback(_unlink_quietly, deps)
+        undo.callback(fsutil.unlink_quietly, deps)
 
         for sub, mode in (("diff", 0o755), ("workdir", 0o700), ("rootfs", 0o755)):
             os.mkdir(os.path.join(image_dir, sub), mode)
@@ -300,11 +300,6 @@ def release_project(store: Store, project_id: int) -> None:
     quota.release(device, quota.ProjectIds(store.join("projectids")), project_id)
 
 
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def id_from_argument(store: Store, id_or_path: str) -> str | None:
     """The image id named by an id or by a path inside ``<store>/images/``."""
     if "/" not in id_or_path:
@@ -370,7 +365,7 @@ def remove(store: Store, image_id: str) -> bool:
     if left:
         # Never remove a tree through a live mount.
         raise StoreError(f"delete image {image_id}: {left[0]} is still mounted")
-    _unlink_quietly(store.dependency_file(image_id))
+    fsutil.unlink_quietly(store.dependency_file(image_id))
     _mark_released(store, chain_ids)
     store.remove_tree(trashed)
     if project_id:

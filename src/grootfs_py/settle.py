@@ -155,8 +155,7 @@ def suspect(store: Store, chain_id: str) -> bool:
 
 def forget(store: Store, chain_id: str) -> None:
     """Remove the layer's marker; the layer has been moved aside (its lock held exclusively)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(marker(store, chain_id))
+    fsutil.unlink_quietly(marker(store, chain_id))
 
 
 def markers(store: Store) -> dict[str, str]:
