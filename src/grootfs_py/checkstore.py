@@ -88,6 +88,7 @@ def _images(store: Store) -> list[Problem]:
     records = store.dependencies()
     owners = quota.ProjectIds(store.join("projectids")).owners()
     mounted = {m.mount_point for m in mounts.table()}
+    lost = settle.lost(store)
     for image_id in store.image_ids():
         record = _image_record(store, image_id)
         if record is None:
@@ -112,7 +113,7 @@ def _images(store: Store) -> list[Problem]:
             problems.append(Problem(f"image {image_id}: layer {chain_id} is missing"))
         rootfs = os.path.join(store.image_dir(image_id), "rootfs")
         if record.get("mounted") and os.path.realpath(rootfs) not in mounted:
-            problems.append(_unmounted(store, image_id, layers, record, missing))
+            problems.append(_unmounted(store, image_id, layers, record, missing, lost))
         project_id = int(record.get("project_id", 0) or 0)
         if project_id and owners.get(project_id) != image_id:
             fix: Callable[[], object] | None = None
@@ -124,7 +125,12 @@ def _images(store: Store) -> list[Problem]:
 
 
 def _unmounted(
-    store: Store, image_id: str, layers: list[str], record: dict[str, Any], missing: list[str]
+    store: Store,
+    image_id: str,
+    layers: list[str],
+    record: dict[str, Any],
+    missing: list[str],
+    lost: set[str],
 ) -> Problem:
     """An image whose rootfs should be mounted and is not: remounted if that is safe."""
     volatile_boot = record.get("volatile_boot")
@@ -138,7 +144,7 @@ def _unmounted(
     if missing:
         return Problem(f"image {image_id}: rootfs is not mounted")
     for chain_id in layers:
-        if settle.suspect(store, chain_id):
+        if chain_id in lost:
             return Problem(
                 f"image {image_id}: rootfs is not mounted, and its layer {chain_id} "
                 "was not flushed before its store was last lost: delete the image"
@@ -182,12 +188,12 @@ def _mounts(store: Store) -> list[Problem]:
 def _layers(store: Store) -> list[Problem]:
     problems = []
     present = store.complete_volumes()
-    problems += _markers(store, present)
-    lost = {c for c in present if settle.suspect(store, c)}  # reported just above
+    lost = settle.lost(store)
+    problems += _markers(store, present, lost)
     links = store.join(overlay.LINKS_DIR)
     for chain_id in present:
         if chain_id in lost:
-            continue
+            continue  # reported by _markers, to be unpacked again
         short = overlay.short_name(chain_id)
         target = f"../volumes/{volume_name(chain_id)}"
         try:
@@ -234,13 +240,12 @@ def _layers(store: Store) -> list[Problem]:
     return problems
 
 
-def _markers(store: Store, present: list[str]) -> list[Problem]:
+def _markers(store: Store, present: list[str], lost: set[str]) -> list[Problem]:
     """Markers of layers not yet flushed (settle.py) that no settler will remove."""
     problems = []
     complete = set(present)
     used = {c for layers in store.dependencies().values() for c in layers}
-    current = settle.epoch(store)
-    for name, epoch in sorted(settle.markers(store).items()):
+    for name in sorted(settle.markers(store)):
         path = os.path.join(settle.directory(store), name)
         chain_id = chain_id_of(name)
         if chain_id not in complete:
@@ -250,7 +255,7 @@ def _markers(store: Store, present: list[str]) -> list[Problem]:
                     partial(fsutil.unlink_quietly, path),
                 )
             )
-        elif epoch != current:
+        elif chain_id in lost:
             text = f"layer {chain_id}: not flushed before its store was last lost"
             if chain_id in used:
                 # What it needs is the images' source: a create unpacks it again.

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 
 from grootfs_py import fsutil, linux, locks, log
 from grootfs_py.errors import GrootError
-from grootfs_py.store import volume_name
+from grootfs_py.store import chain_id_of, volume_name
 
 if TYPE_CHECKING:
     from grootfs_py.store import Store
@@ -171,6 +171,13 @@ def markers(store: Store) -> dict[str, str]:
         except OSError:
             found[name] = ""
     return found
+
+
+def lost(store: Store) -> set[str]:
+    """Chain ids of the layers whose markers name an epoch that is over: :func:`suspect`'s,
+    for every layer at once."""
+    current = epoch(store)
+    return {chain_id_of(name) for name, named in markers(store).items() if named != current}
 
 
 def now(store: Store) -> None:
