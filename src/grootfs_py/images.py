@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from grootfs_py import fsutil, linux, locks, log, metrics, overlay, sources, volumes
+from grootfs_py import fsutil, linux, locks, log, metrics, overlay, settle, sources, volumes
 from grootfs_py.errors import InvalidArgumentError, StoreError
 from grootfs_py.idmap import IdMap
 from grootfs_py.store import Store
@@ -48,8 +48,6 @@ def create(
     then the caller calls :func:`settle.detach` once it has answered (the
     command does), and until then their markers stand for the flush.
     """
-    from grootfs_py import settle
-
     try:
         # Timed whether it succeeds or not, as GrootFS times it.
         with metrics.timed("ImageCreationTime"):

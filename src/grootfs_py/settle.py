@@ -180,18 +180,33 @@ def lost(store: Store) -> set[str]:
     return {chain_id_of(name) for name, named in markers(store).items() if named != current}
 
 
+def _take(store: Store) -> Pending | None:
+    """This process's pending layers, taken from the store; None if there are none to settle."""
+    pending, store.pending = store.pending, None
+    if pending is not None and not pending.marked:
+        os.close(pending.fd)
+        return None
+    return pending
+
+
+def _settle_logged(store: Store, pending: Pending) -> bool:
+    """:func:`settle`, a failure logged: its markers stay, and those layers are unpacked
+    again in the next epoch."""
+    try:
+        settle(store, pending)
+    except (OSError, GrootError) as exc:
+        log.error("settling layers failed", error=str(exc), layers=sorted(pending.marked))
+        return False
+    return True
+
+
 def now(store: Store) -> None:
     """Settle this process's marked layers here and now (a caller that is not a command)."""
-    pending = store.pending
+    pending = _take(store)
     if pending is None:
         return
-    store.pending = None
     try:
-        if pending.marked:
-            settle(store, pending)
-    except (OSError, GrootError) as exc:
-        # The markers stay: those layers are unpacked again in the next epoch.
-        log.error("settling layers failed", error=str(exc), layers=sorted(pending.marked))
+        _settle_logged(store, pending)
     finally:
         os.close(pending.fd)
 
@@ -204,12 +219,8 @@ def detach(store: Store) -> None:
     no pipe of the caller's stays open (Garden reads stdout to its end) and
     no lock of this process is held any longer than by this process.
     """
-    pending = store.pending
+    pending = _take(store)
     if pending is None:
-        return
-    store.pending = None
-    if not pending.marked:
-        os.close(pending.fd)
         return
     if os.fork() != 0:
         os.close(pending.fd)
@@ -231,12 +242,7 @@ def detach(store: Store) -> None:
             start = keep + 1
         os.closerange(start, 1 << 20)
         fsutil.crash_point("settle-before-flush")
-        try:
-            settle(store, pending)
-        except (OSError, GrootError) as exc:
-            # The markers stay: those layers are unpacked again after a reboot.
-            log.error("settling layers failed", error=str(exc), layers=sorted(pending.marked))
-        else:
+        if _settle_logged(store, pending):
             code = 0
     finally:
         os._exit(code)
