@@ -953,6 +953,23 @@ class _Conn:
         self.incoming = b""  # partial KILL records
         self.deferred: list[int] = []  # signals asked for before the forker said the pid
 
+    def rights(self) -> list[tuple[int, int, bytes]]:
+        """The ancillary data that passes this connection and the caller's descriptors on."""
+        return [
+            (
+                socket.SOL_SOCKET,
+                socket.SCM_RIGHTS,
+                struct.pack(f"{1 + len(self.fds)}i", self.sock.fileno(), *self.fds),
+            )
+        ]
+
+    def handed_to(self, forker: _Forker) -> None:
+        """Sent on: the caller's descriptors and the request are the receiver's now."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds, self.buffer = [], b""
+        self.forker = forker
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
@@ -1202,30 +1219,18 @@ class Server:
         standby = forker.idle.pop(command, None)
         if standby is None:
             return False
+        # Only a ready forker has standbys here: they come after its "REDY",
+        # and go when it does (forget_standbys).
         pid, sock = standby
         try:
-            if forker.ctl is None or not forker.ready:
-                return False
-            try:
-                sock.sendmsg(
-                    [conn.buffer],
-                    [
-                        (
-                            socket.SOL_SOCKET,
-                            socket.SCM_RIGHTS,
-                            struct.pack("5i", conn.sock.fileno(), *conn.fds),
-                        )
-                    ],
-                )
-            except OSError as exc:  # it died waiting
-                log.info("standby gone: handing over", forker=forker.name, error=str(exc))
-                return False
+            sock.sendmsg([conn.buffer], conn.rights())
+        except OSError as exc:  # it died waiting
+            log.info("standby gone: handing over", forker=forker.name, error=str(exc))
+            return False
         finally:
             sock.close()
-        for fd in conn.fds:
-            os.close(fd)
-        conn.fds, conn.buffer = [], b""
-        conn.forker, conn.pid = forker, pid
+        conn.handed_to(forker)
+        conn.pid = pid
         forker.running[pid] = conn
         _send(conn.sock, b"OKAY", pid)
         return True
@@ -1241,21 +1246,12 @@ class Server:
                     COMMAND.pack(command.encode()),
                     conn.buffer,
                 ],
-                [
-                    (
-                        socket.SOL_SOCKET,
-                        socket.SCM_RIGHTS,
-                        struct.pack("5i", conn.sock.fileno(), *conn.fds),
-                    )
-                ],
+                conn.rights(),
             )
         except OSError as exc:  # EMSGSIZE for a huge environment, a full or dead forker
             log.info("hand over failed: forking here", forker=forker.name, error=str(exc))
             return False
-        for fd in conn.fds:
-            os.close(fd)
-        conn.fds, conn.buffer = [], b""
-        conn.forker = forker
+        conn.handed_to(forker)
         forker.pending[self.tokens] = conn
         return True
 
