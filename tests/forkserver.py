@@ -114,6 +114,24 @@ def comm(pid: int) -> str:
         return ""
 
 
+def open_files(pid: int | str = "self") -> dict[str, str]:
+    """A process's descriptors and what they point to ({} once it is gone).
+
+    A descriptor closed while it is listed (the listing's own) is left out.
+    """
+    found = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return {}
+    for fd in fds:
+        try:
+            found[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+    return found
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

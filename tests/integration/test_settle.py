@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+import forkserver as fs
 import imagefactory as f
 
 GiB = 1024**3  # the xfs_store fixture's size
@@ -240,17 +241,6 @@ def test_a_create_killed_between_marking_and_renaming_its_layer_leaves_debris_th
     assert _digests(rootfs, files) == _expected(files)
 
 
-def _open_files():
-    """What this process has open (the listing's own descriptor is gone by the readlink)."""
-    paths = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:
-            continue
-    return paths
-
-
 def _stopped_holding(store):
     """Pids of the stopped processes that have *store* open: a settler stopped at its point."""
     pids = []
@@ -258,27 +248,22 @@ def _stopped_holding(store):
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
                 state = fh.read().rpartition(b")")[2].split()[0]
-            if state != b"T":
-                continue
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == store for fd in fds):
-                pids.append(int(pid))
         except OSError:
             continue
+        if state == b"T" and store in fs.open_files(pid).values():
+            pids.append(int(pid))
     return pids
 
 
 def test_the_create_answers_without_waiting_for_its_settler_or_leaving_it_a_pipe(
     grootfs_via, grootfs_shim_server, xfs_store, tmp_path
 ):
-    import forkserver
-
     layout, files = _layout(tmp_path)
     point = "settle-before-flush"
     env = {**os.environ, "GROOTFS_TEST_STOP_AT": point}
     command = [sys.executable, "-m", "grootfs_py"]
     if grootfs_via == "shim":
-        command = [str(forkserver.SHIM)]
+        command = [str(fs.SHIM)]
         env = grootfs_shim_server.shim_env(GROOTFS_TEST_STOP_AT=point)
     # Garden reads stdout and stderr to their end, so the settler must not
     # hold them: communicate() returns only once every copy is closed.
@@ -333,6 +318,6 @@ def test_a_create_through_the_library_has_its_layers_on_disk_when_it_returns(xfs
     images.create(Store(xfs_store), layout.ref, "c1", images.CreateOptions())
 
     assert _markers(xfs_store) == []
-    assert not [path for path in _open_files() if path.startswith(xfs_store)]
+    assert not [path for path in fs.open_files().values() if path.startswith(xfs_store)]
     rootfs = os.path.join(xfs_store, "images", "c1", "rootfs")
     assert _digests(rootfs, files) == _expected(files)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import forkserver as fs
 import imagefactory as f
 from grootfs_py.errors import UnpackError, VerificationError
 from grootfs_py.idmap import IdMap, IdMapping
@@ -110,15 +111,7 @@ def open_fds() -> set[tuple[str, str]]:
     registries' proxy) open and close them at any moment, which twice made
     these checks fail on a descriptor no unpack had touched.
     """
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:  # the listing's own descriptor
-            continue
-        if target.startswith("/"):
-            found.add((fd, target))
-    return found
+    return {(fd, target) for fd, target in fs.open_files().items() if target.startswith("/")}
 
 
 # -- files, metadata -----------------------------------------------------------
