@@ -640,8 +640,8 @@ class _ForkerLoop:
         self.learned: dict[str, list[Run]] = {}  # by command: what its standby prefaults
         self.last_report: dict[str, list[Run]] = {}  # by command: the latest learning's
         self.served: dict[str, int] = {}  # by command: requests its standbys took
-        # A learning standby's socket, by fd: its command's report comes on it.
-        self.reports: dict[int, tuple[str, socket.socket]] = {}
+        # A learning standby's command, socket and pid, by fd: its report comes on it.
+        self.reports: dict[int, tuple[str, socket.socket, int]] = {}
         self.taken: set[int] = set()  # standbys that said they took a request
         self.standbys: dict[str, tuple[int, socket.socket, bool]] = {}  # pid, socket, learns
         self.poller = select.poll()
@@ -686,11 +686,9 @@ class _ForkerLoop:
         forked again and again).
         """
         if sock.fileno() in self.reports:
-            self._from_standby(sock.fileno(), pid)  # "T" and the report, whatever is left
+            self._from_standby(sock.fileno())  # "T" and the report, whatever is left
         else:
-            with contextlib.suppress(OSError):
-                while sock.recv(1, socket.MSG_DONTWAIT) == b"T":
-                    self.taken.add(pid)
+            self._read_standby(sock, pid)
         sock.close()
         # Either way: the server may have handed it a request.
         with contextlib.suppress(OSError):
@@ -753,24 +751,29 @@ class _ForkerLoop:
             self._spawn_standby(command)  # none, and none to come: one behind this child
         return True
 
-    def _from_standby(self, fd: int, pid: int = 0) -> None:
-        """Read a learning standby's socket: "T" when it takes a request, then its report."""
-        command, sock = self.reports[fd]
-        if not pid:
-            pid = next((p for p, s, _l in self.standbys.values() if s is sock), 0)
+    def _read_standby(self, sock: socket.socket, pid: int) -> bytes | None:
+        """What a standby has said: "T" as it took a request (noted in :attr:`taken`), then
+        a learning one's report. The report (b"" if none will come); None while one may."""
         while True:
             try:
                 message = sock.recv(MAX_RUNS * 16 + 1, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                return  # the report is still to come
+                return None
             except OSError:
-                message = b""
+                return b""
             if message != b"T":
-                break
+                return message
             self.taken.add(pid)
+
+    def _from_standby(self, fd: int) -> None:
+        """Read a learning standby's socket; learn from its report once it has come."""
+        command, sock, pid = self.reports[fd]
+        report = self._read_standby(sock, pid)
+        if report is None:
+            return  # the report is still to come
         del self.reports[fd]
         self.poller.unregister(fd)
-        self._learn(command, message)
+        self._learn(command, report)
         sock.close()
 
     def _learn(self, command: str, report: bytes) -> None:
@@ -785,7 +788,7 @@ class _ForkerLoop:
 
     def _sockets(self) -> list[socket.socket]:
         found = [self.ctl]
-        found += [sock for _command, sock in self.reports.values()]
+        found += [sock for _command, sock, _pid in self.reports.values()]
         found += [sock for _pid, sock, _learns in self.standbys.values()]
         return found
 
@@ -816,7 +819,7 @@ class _ForkerLoop:
         theirs.close()
         self.standbys[command] = (pid, ours, learns)
         if learns:
-            self.reports[ours.fileno()] = (command, ours)
+            self.reports[ours.fileno()] = (command, ours, pid)
             self.poller.register(ours.fileno(), select.POLLIN)
         # The server sends its request itself, through a copy of our end.
         with contextlib.suppress(OSError):
