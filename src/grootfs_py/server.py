@@ -107,7 +107,7 @@ from typing import Any
 
 from grootfs_py import linux, log, prefault
 from grootfs_py.errors import InvalidArgumentError, StoreError
-from grootfs_py.prefault import MAX_RUNS, Run
+from grootfs_py.prefault import Run
 
 VERSION = 1
 MAGIC = b"GRFS"
@@ -403,50 +403,35 @@ def _become_command(
     conn: int,
     fds: Sequence[int],
     data: bytes,
-    learning: _Learning | None = None,
+    learning: bool = False,
     standby: bool = False,
 ) -> None:
     """In a freshly forked child: take the caller's place, run the command, exit.
 
     The request is parsed here, already checked by the server: what a forker
     does between forks it does for every request, copy-on-write. A
-    *learning* child sends the pages its command wrote to its forker, on its
-    standby socket, before it says it is done, so that the forker's next
-    standbys take their copies ahead of their requests.
+    *learning* child, its command done, says "L" to its forker on its standby
+    socket and waits for its answer: the forker reads which pages the command
+    wrote from outside, so that its next standbys take their copies ahead of
+    their requests.
     """
     code = 1
     try:
         request = parse_request(data)
         assert request is not None
-        code = _take_callers_place(
-            conn, fds, request, keep_report=learning is not None, left=standby
-        )
+        code = _take_callers_place(conn, fds, request, keep_report=learning, left=standby)
         if code == 0:
             code = _run_command(request.argv)
-        if learning is not None:
+        if learning:
             # Before "EXIT": once its shim has the status, the server kills
-            # whatever is left of the command.
+            # whatever is left of the command. End of file (the forker is
+            # gone) is an answer too.
             with contextlib.suppress(OSError):
-                os.write(_REPORT_FD, prefault.encode(learning.since()))
+                os.write(_REPORT_FD, b"L")
+                os.read(_REPORT_FD, 1)
         _send_fd(3, b"EXIT", code)
     finally:
         os._exit(code)
-
-
-class _Learning:
-    """The pages a learning standby's process writes, of the mappings it inherited.
-
-    Taken from its start: what the fork and the standby write is counted too
-    (every standby writes those anyway, so taking them again costs nothing),
-    as are a few pages of the scan itself. A learning standby prefaults
-    nothing, or every page once taken would be reported again, forever.
-    """
-
-    def __init__(self) -> None:
-        self.mappings = prefault.own_mappings()
-
-    def since(self) -> list[Run]:
-        return prefault.written(self.mappings)
 
 
 def _leave_the_forker() -> None:
@@ -637,11 +622,11 @@ class _ForkerLoop:
         self.wake_r = wake_r
         self.kinds = frozenset(kinds)
         self.live: set[int] = set()  # commands not reaped yet
-        self.learned: dict[str, list[Run]] = {}  # by command: what its standby prefaults
+        self.learned: dict[str, prefault.Plan] = {}  # by command: what its standby prefaults
         self.last_report: dict[str, list[Run]] = {}  # by command: the latest learning's
         self.served: dict[str, int] = {}  # by command: requests its standbys took
-        # A learning standby's command, socket and pid, by fd: its report comes on it.
-        self.reports: dict[int, tuple[str, socket.socket, int]] = {}
+        # The learning standbys, by their socket's fd: each says "L" on it when done.
+        self.reports: dict[int, _Lesson] = {}
         self.taken: set[int] = set()  # standbys that said they took a request
         self.standbys: dict[str, tuple[int, socket.socket, bool]] = {}  # pid, socket, learns
         self.poller = select.poll()
@@ -753,10 +738,10 @@ class _ForkerLoop:
 
     def _read_standby(self, sock: socket.socket, pid: int) -> bytes | None:
         """What a standby has said: "T" as it took a request (noted in :attr:`taken`), then
-        a learning one's report. The report (b"" if none will come); None while one may."""
+        a learning one's "L". That "L" (b"" if none will come); None while one may."""
         while True:
             try:
-                message = sock.recv(MAX_RUNS * 16 + 1, socket.MSG_DONTWAIT)
+                message = sock.recv(16, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError:
@@ -766,45 +751,55 @@ class _ForkerLoop:
             self.taken.add(pid)
 
     def _from_standby(self, fd: int) -> None:
-        """Read a learning standby's socket; learn from its report once it has come."""
-        command, sock, pid = self.reports[fd]
-        report = self._read_standby(sock, pid)
-        if report is None:
-            return  # the report is still to come
+        """Read a learning standby's socket; once its command is done, learn what it wrote.
+
+        The command waits for our answer ("G") before it exits and reports
+        its status, so the scan (~1 ms, 1 in 2^n requests) is on its caller's path.
+        """
+        lesson = self.reports[fd]
+        said = self._read_standby(lesson.sock, lesson.pid)
+        if said is None:
+            return  # still running
         del self.reports[fd]
         self.poller.unregister(fd)
-        self._learn(command, report)
-        sock.close()
+        if said == b"L":
+            self._learn(lesson.command, prefault.written(lesson.pid, lesson.maps, lesson.before))
+            with contextlib.suppress(OSError):
+                lesson.sock.send(b"G")
+        lesson.sock.close()
 
-    def _learn(self, command: str, report: bytes) -> None:
-        if report:  # none from a command that died first: the last report stands
-            runs = prefault.decode(report)
+    def _learn(self, command: str, runs: list[Run] | None) -> None:
+        if runs:  # none from a command that died first: the last report stands
             # The last two runs: two kinds of request (a stack tar and a
             # docker:// create) are both covered, and what a one-off wrote
             # (a create that unpacked a layer) is dropped two learnings on.
             previous = self.last_report.get(command, [])
-            self.learned[command] = prefault.union(previous, runs)
+            self.learned[command] = prefault.Plan(prefault.union(previous, runs))
             self.last_report[command] = runs
 
     def _sockets(self) -> list[socket.socket]:
         found = [self.ctl]
-        found += [sock for _command, sock, _pid in self.reports.values()]
+        found += [lesson.sock for lesson in self.reports.values()]
         found += [sock for _pid, sock, _learns in self.standbys.values()]
         return found
 
     def _spawn_standby(self, command: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         detach = [*self._sockets(), ours]
-        learned = self.learned.get(command, [])
         # The n-th standby of a kind learns while n is a power of two: every
         # kind is learned at once, and again now and then, at a fading cost.
+        # A learning standby prefaults nothing: what it copied would be
+        # learned again, forever.
         n = self.served.get(command, 0) + 1
         learns = n & (n - 1) == 0 and n <= LEARN_UNTIL
+        plan = None if learns else self.learned.get(command)
+        maps = prefault.own_mappings() if learns else []
         sys.stdout.flush()
         sys.stderr.flush()
         gc.freeze()
         # Named before the fork, so that no one ever sees it as a command.
         linux.set_process_name(WARMING_NAME)
+        before = prefault.snapshot(maps)  # as late as can be: our writes since count as its
         try:
             pid = os.fork()
         except OSError as exc:
@@ -814,12 +809,12 @@ class _ForkerLoop:
             theirs.close()
             return
         if pid == 0:
-            _standby(theirs, [] if learns else learned, detach, self.name, learns, self.buffer)
+            _standby(theirs, plan, detach, self.name, learns, self.buffer)
         linux.set_process_name(self.name)
         theirs.close()
         self.standbys[command] = (pid, ours, learns)
         if learns:
-            self.reports[ours.fileno()] = (command, ours, pid)
+            self.reports[ours.fileno()] = _Lesson(command, ours, pid, maps, before)
             self.poller.register(ours.fileno(), select.POLLIN)
         # The server sends its request itself, through a copy of our end.
         with contextlib.suppress(OSError):
@@ -829,6 +824,19 @@ class _ForkerLoop:
             )
 
 
+class _Lesson:
+    """A learning standby: its command, socket and pid, and our pages as it was forked."""
+
+    def __init__(
+        self, command: str, sock: socket.socket, pid: int, maps: list[Run], before: list[bytes]
+    ) -> None:
+        self.command = command
+        self.sock = sock
+        self.pid = pid
+        self.maps = maps  # our private writable mappings, which it inherited
+        self.before = before  # their pagemap entries (prefault.snapshot)
+
+
 def _own_name() -> str:
     with open("/proc/self/comm") as f:
         return f.read().rstrip("\n")
@@ -836,7 +844,7 @@ def _own_name() -> str:
 
 def _standby(
     sock: socket.socket,
-    learned: Sequence[Run],
+    plan: prefault.Plan | None,
     detach: Sequence[socket.socket],
     name: str,
     learns: bool,
@@ -844,18 +852,19 @@ def _standby(
 ) -> None:
     """A standby child: prefault, wait for one request, then become its command (*name*).
 
-    A learning standby prefaults nothing, so that what its command reports
-    is what the command wrote, not what was copied for it. The request is
+    The copies come first, so that what the standby itself writes next is
+    copied in the same call, not a fault at a time. The request is
     received into *buffer*, the forker's, inherited: only the pages it
     fills are copied.
     """
     code = 0
     try:
         forker = os.getppid()
+        if plan is not None:
+            plan.populate()
         linux.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != forker:
             return  # it died before the line above could take effect
-        learning = _Learning() if learns else None
         _leave_the_forker()
         for other in detach:
             other.detach()
@@ -865,7 +874,6 @@ def _standby(
             os.close(fd)
         os.closerange(3, _REPORT_FD)
         os.closerange(_REPORT_FD + 1, os.sysconf("SC_OPEN_MAX"))
-        prefault.populate(learned)
         linux.set_process_name(STANDBY_NAME)
         sock = socket.socket(fileno=_REPORT_FD)
         size, ancdata, _flags, _addr = sock.recvmsg_into(
@@ -884,7 +892,7 @@ def _standby(
         sock.detach()
         if not data or len(fds) != FDS + 1:
             return  # the forker is done (end of file)
-        _become_command(fds[0], fds[1:], data, learning, standby=True)
+        _become_command(fds[0], fds[1:], data, learns, standby=True)
     except BaseException:
         import traceback
 

@@ -50,29 +50,33 @@ def test_union_covers_both_and_joins_what_touches(a, b, want):
     assert prefault.union(a, b) == want
 
 
-def test_runs_survive_encoding_and_bad_ones_are_dropped():
-    runs = [(PAGE_SIZE, 3 * PAGE_SIZE), (0x7F0000000000, 0x7F0000000000 + PAGE_SIZE)]
-    assert prefault.decode(prefault.encode(runs)) == runs
-    misaligned = prefault.encode([(1, PAGE_SIZE)])
-    backwards = prefault.encode([(2 * PAGE_SIZE, PAGE_SIZE)])
-    assert prefault.decode(misaligned + backwards + b"\0" * 5) == []
+def in_child(act: Callable[[], Any], then: Callable[[int], Any]) -> Any:
+    """Fork a child that runs *act* and waits; *then* (the child's pid)'s result, here.
 
-
-def in_child(work: Callable[[], Any]) -> Any:
-    """*work*'s result, computed in a forked child."""
-    r, w = os.pipe()
+    The child stays alive (its pages mapped) until *then* has returned.
+    """
+    done_r, done_w = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            os.close(r)
-            os.write(w, pickle.dumps(work()))
+            os.close(done_r)
+            os.close(go_w)
+            act()
+            os.write(done_w, b".")
+            os.read(go_r, 1)
         finally:
             os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
+    os.close(done_w)
+    os.close(go_r)
+    try:
+        if os.read(done_r, 1) != b".":
+            raise AssertionError("the child failed")
+        return then(pid)
+    finally:
+        os.close(go_w)
+        os.close(done_r)
+        os.waitpid(pid, 0)
 
 
 @pytest.fixture
@@ -90,8 +94,9 @@ def address(area: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(area))
 
 
-def inside(runs: list[prefault.Run], start: int, end: int) -> list[int]:
+def inside(runs: list[prefault.Run] | None, start: int, end: int) -> list[int]:
     """The page numbers of [start, end) that *runs* cover."""
+    assert runs is not None
     return [
         (p - start) // PAGE_SIZE
         for p in range(start, end, PAGE_SIZE)
@@ -100,32 +105,106 @@ def inside(runs: list[prefault.Run], start: int, end: int) -> list[int]:
 
 
 def test_written_finds_exactly_the_pages_a_child_wrote(pages):
+    """Read from the parent, page frames compared: what the parent writes is not counted."""
+    assert os.geteuid() == 0, "page frame numbers are shown to root only"
     base = address(pages)
+    maps = prefault.own_mappings()
+    before = prefault.snapshot(maps)
 
-    def work() -> list[int]:
-        mappings = prefault.own_mappings()
+    def act() -> None:
         pages[2 * PAGE_SIZE + 10] = 99
         pages[5 * PAGE_SIZE] = 98
         _ = pages[7 * PAGE_SIZE]  # read only: still shared
-        return inside(prefault.written(mappings), base, base + 8 * PAGE_SIZE)
 
-    assert in_child(work) == [2, 5]
+    def then(pid: int) -> list[int]:
+        pages[3 * PAGE_SIZE] = 97  # the parent's copy: the child's page is its alone now
+        return inside(prefault.written(pid, maps, before), base, base + 8 * PAGE_SIZE)
+
+    assert in_child(act, then) == [2, 5]
+
+
+def test_without_page_frames_a_page_no_longer_shared_counts_as_written():
+    """A rootless server's forker: frame numbers read as 0, the exclusive flag decides.
+
+    The scan runs in a process that has given up root, as the forker of a
+    server run by another user does; the page it copies away after the fork
+    counts too, as the child has it alone.
+    """
+
+    def rootless() -> list[int]:
+        os.setgid(65534)
+        os.setuid(65534)
+        from grootfs_py import linux
+
+        linux._libc().prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: its children's pagemaps
+        area = mmap.mmap(-1, 8 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for i in range(8):
+            area[i * PAGE_SIZE] = i + 1
+        base = address(area)
+        maps = prefault.own_mappings()
+        before = prefault.snapshot(maps)
+
+        def act() -> None:
+            area[1 * PAGE_SIZE] = 99
+
+        def then(pid: int) -> list[int]:
+            area[4 * PAGE_SIZE] = 97
+            return inside(prefault.written(pid, maps, before), base, base + 8 * PAGE_SIZE)
+
+        return in_child(act, then)
+
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(result_r)
+            os.write(result_w, pickle.dumps(rootless()))
+        finally:
+            os._exit(0)
+    os.close(result_w)
+    with os.fdopen(result_r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    assert data, "the rootless scan failed"
+    assert pickle.loads(data) == [1, 4]
+
+
+def test_written_is_none_once_the_child_is_gone(pages):
+    maps = prefault.own_mappings()
+    before = prefault.snapshot(maps)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert prefault.written(pid, maps, before) is None
+
+
+def _populated(runs: list[prefault.Run], pages: mmap.mmap) -> tuple[int, list[int], bytes]:
+    """Populate *runs* in a child: its count, the pages it copied (seen from here), contents."""
+    base = address(pages)
+    maps = prefault.own_mappings()
+    before = prefault.snapshot(maps)
+    count_r, count_w = os.pipe()
+
+    def act() -> None:
+        done = prefault.populate(runs)
+        contents = bytes(pages[i * PAGE_SIZE] for i in range(8))
+        os.write(count_w, pickle.dumps((done, contents)))
+
+    def then(pid: int) -> list[int]:
+        return inside(prefault.written(pid, maps, before), base, base + 8 * PAGE_SIZE)
+
+    copied = in_child(act, then)
+    os.close(count_w)
+    with os.fdopen(count_r, "rb") as f:
+        done, contents = pickle.loads(f.read())
+    return done, copied, contents
 
 
 def test_populate_copies_pages_without_changing_them(pages):
     base = address(pages)
-
-    def work() -> tuple[int, list[int], bytes]:
-        mappings = prefault.own_mappings()
-        runs = [
-            (base + PAGE_SIZE, base + 3 * PAGE_SIZE),
-            (base + 6 * PAGE_SIZE, base + 7 * PAGE_SIZE),
-        ]
-        done = prefault.populate(runs)
-        copied = inside(prefault.written(mappings), base, base + 8 * PAGE_SIZE)
-        return done, copied, bytes(pages[i * PAGE_SIZE] for i in range(8))
-
-    done, copied, contents = in_child(work)
+    runs = [(base + PAGE_SIZE, base + 3 * PAGE_SIZE), (base + 6 * PAGE_SIZE, base + 7 * PAGE_SIZE)]
+    done, copied, contents = _populated(runs, pages)
     if done == 0:
         pytest.fail("MADV_POPULATE_WRITE unsupported: this kernel is older than 5.14")
     assert done == 3
@@ -136,13 +215,31 @@ def test_populate_copies_pages_without_changing_them(pages):
 
 def test_populate_skips_what_is_not_mapped_any_more(pages):
     base = address(pages)
+    gone = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    hole = address(gone)
+    gone.close()
+    runs = [
+        (base, base + PAGE_SIZE),
+        (hole, hole + PAGE_SIZE),
+        (base + 3 * PAGE_SIZE, base + 4 * PAGE_SIZE),
+    ]
+    done, copied, _ = _populated(sorted(runs), pages)
+    assert (done, copied) == (2, [0, 3])
 
-    def work() -> tuple[int, list[int]]:
-        mappings = prefault.own_mappings()
-        gone = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        hole = address(gone)
-        gone.close()
-        done = prefault.populate([(hole, hole + PAGE_SIZE), (base, base + PAGE_SIZE)])
-        return done, inside(prefault.written(mappings), base, base + 8 * PAGE_SIZE)
 
-    assert in_child(work) == (1, [0])
+def test_a_plan_of_more_runs_than_one_call_takes_populates_them_all():
+    """Over UIO_MAXIOV runs: the vector is handed to the kernel in parts."""
+    count = prefault.UIO_MAXIOV + 300
+    area = mmap.mmap(-1, 2 * count * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(2 * count):
+        area[i * PAGE_SIZE] = 1
+    base = address(area)
+    runs = [(base + 2 * i * PAGE_SIZE, base + (2 * i + 1) * PAGE_SIZE) for i in range(count)]
+    maps = prefault.own_mappings()
+    before = prefault.snapshot(maps)
+    plan = prefault.Plan(runs)
+
+    def then(pid: int) -> list[int]:
+        return inside(prefault.written(pid, maps, before), base, base + 2 * count * PAGE_SIZE)
+
+    assert in_child(plan.populate, then) == [2 * i for i in range(count)]
