@@ -1213,16 +1213,9 @@ class Server:
             self._drop(conn)
             return
         forker = self.forkers["create" if command == "create" else "lean"]
-        if self._hand_to_standby(conn, forker, command or "") or self._hand_over(
+        if not self._hand_to_standby(conn, forker, command or "") and not self._hand_over(
             conn, forker, command or ""
         ):
-            # The process just woken (the standby, or the forker) is often
-            # placed on this CPU, where it waits until this loop sleeps: on 2
-            # CPUs half the standbys did, for ~0.1 ms more than the others.
-            # Let it go first (alternating A/B, 6 rounds of 50: create 2.92 ->
-            # 2.83 ms, delete 3.02 -> 2.67 ms). Nothing else runnable here: a no-op.
-            os.sched_yield()
-        else:
             self._fork_here(conn)
 
     def _hand_to_standby(self, conn: _Conn, forker: _Forker, command: str) -> bool:
