@@ -162,7 +162,8 @@ class Plan:
         """
         if not self.runs:
             return 0
-        libc = _libc()
+        syscall = _libc().syscall
+        syscall.restype = ctypes.c_long  # process_madvise returns a byte count (ssize_t)
         try:
             pidfd = os.pidfd_open(os.getpid())
         except OSError:
@@ -172,9 +173,7 @@ class Plan:
                 count = min(UIO_MAXIOV, len(self.runs) - first)
                 vector = ctypes.byref(self._vector, first * ctypes.sizeof(_Iovec))
                 size = sum(e - s for s, e in self.runs[first : first + count])
-                advised = libc.syscall(
-                    SYS_PROCESS_MADVISE, pidfd, vector, count, MADV_POPULATE_WRITE, 0
-                )
+                advised = syscall(SYS_PROCESS_MADVISE, pidfd, vector, count, MADV_POPULATE_WRITE, 0)
                 if advised != size:
                     # Refused (a kernel before 6.13), or stopped at a hole:
                     # the rest one run at a time, holes skipped.
