@@ -21,7 +21,9 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long  # syscall(2) returns a long, not ctypes' default int
+    return libc
 
 
 def _check(result: int, what: str, path: str) -> None:

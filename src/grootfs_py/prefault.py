@@ -163,7 +163,6 @@ class Plan:
         if not self.runs:
             return 0
         syscall = _libc().syscall
-        syscall.restype = ctypes.c_long  # process_madvise returns a byte count (ssize_t)
         try:
             pidfd = os.pidfd_open(os.getpid())
         except OSError:
