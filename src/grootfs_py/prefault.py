@@ -85,11 +85,11 @@ def written(pid: int, mappings: Sequence[Run], before: Sequence[bytes]) -> list[
         if entries == then:
             continue  # nothing of this mapping was written
         first = -1
-        for i, entry in enumerate(memoryview(entries).cast("Q")):
+        pairs = zip(memoryview(entries).cast("Q"), memoryview(then).cast("Q"), strict=True)
+        for i, (entry, old) in enumerate(pairs):
             if not entry & _PRESENT:
                 was_written = False
             elif entry & _FRAME:
-                old = int.from_bytes(then[i * 8 : i * 8 + 8], "little")
                 was_written = not old & _PRESENT or old & _FRAME != entry & _FRAME
             else:  # frame numbers hidden: no longer shared is the best sign left
                 was_written = bool(entry & _EXCLUSIVE)

@@ -794,12 +794,14 @@ class _ForkerLoop:
         learns = n & (n - 1) == 0 and n <= LEARN_UNTIL
         plan = None if learns else self.learned.get(command)
         maps = prefault.own_mappings() if learns else []
+        before: list[bytes] = []
         sys.stdout.flush()
         sys.stderr.flush()
         gc.freeze()
         # Named before the fork, so that no one ever sees it as a command.
         linux.set_process_name(WARMING_NAME)
-        before = prefault.snapshot(maps)  # as late as can be: our writes since count as its
+        if learns:
+            before = prefault.snapshot(maps)  # as late as can be: our writes since count as its
         try:
             pid = os.fork()
         except OSError as exc:
