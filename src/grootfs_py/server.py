@@ -628,7 +628,7 @@ class _ForkerLoop:
         # The learning standbys, by their socket's fd: each says "L" on it when done.
         self.reports: dict[int, _Lesson] = {}
         self.taken: set[int] = set()  # standbys that said they took a request
-        self.standbys: dict[str, tuple[int, socket.socket, bool]] = {}  # pid, socket, learns
+        self.standbys: dict[str, tuple[int, socket.socket]] = {}  # pid, socket
         self.poller = select.poll()
         self.name = _own_name()
         # For the server's messages and the standbys' requests (they inherit
@@ -653,7 +653,7 @@ class _ForkerLoop:
 
     def _reap(self) -> None:
         for pid, status in _reaped():
-            for kind, (standby, sock, _learns) in list(self.standbys.items()):
+            for kind, (standby, sock) in list(self.standbys.items()):
                 if pid == standby:
                     del self.standbys[kind]
                     self._standby_done(kind, pid, sock, status)
@@ -702,7 +702,7 @@ class _ForkerLoop:
             # Not reaped yet, so the pid is still this command's: one of our
             # children, or a standby the server handed a request (only those
             # does it ask to kill).
-            if a in self.live or any(a == pid for pid, _s, _l in self.standbys.values()):
+            if a in self.live or any(a == pid for pid, _s in self.standbys.values()):
                 _kill(a, b)
             return True
         if tag != b"RUN " or len(fds) != FDS + 1 or len(data) < CONTROL.size + COMMAND.size:
@@ -780,7 +780,7 @@ class _ForkerLoop:
     def _sockets(self) -> list[socket.socket]:
         found = [self.ctl]
         found += [lesson.sock for lesson in self.reports.values()]
-        found += [sock for _pid, sock, _learns in self.standbys.values()]
+        found += [sock for _pid, sock in self.standbys.values()]
         return found
 
     def _spawn_standby(self, command: str) -> None:
@@ -814,7 +814,7 @@ class _ForkerLoop:
             _standby(theirs, plan, detach, self.name, learns, self.buffer)
         linux.set_process_name(self.name)
         theirs.close()
-        self.standbys[command] = (pid, ours, learns)
+        self.standbys[command] = (pid, ours)
         if learns:
             self.reports[ours.fileno()] = _Lesson(command, ours, pid, maps, before)
             self.poller.register(ours.fileno(), select.POLLIN)
